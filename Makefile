@@ -1,0 +1,35 @@
+# strata: the two commands of the README. Both work on a fresh machine with
+# only Python 3.11+ and pip: they create .venv and install into it.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+DATA := runs/data
+RUN := runs/tiny
+
+.PHONY: demo test install install-test clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+
+$(VENV)/.installed: $(PY) requirements.lock setup.py
+	$(PY) -m pip install --quiet -r requirements.lock
+	$(PY) -m pip install --quiet --no-deps -e .
+	touch $@
+
+install: $(VENV)/.installed
+
+install-test: install
+
+demo: install
+	$(PY) -m data_pipeline --config=configs/data.py:stdlib --workdir=$(DATA)
+	$(PY) -m train --config=configs/pretrain.py:tiny --workdir=$(RUN)
+	$(PY) -m train.evaluate --workdir=$(RUN) --split=test
+	$(PY) -m train.generate --workdir=$(RUN) --prompt='def ' --max_new_tokens=64 --num_samples=3
+	$(PY) -m train.plot --workdir=$(RUN)
+
+test: install
+	$(PY) -m pytest -q tests
+
+clean:
+	rm -rf $(VENV) runs *.egg-info

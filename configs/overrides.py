@@ -1,0 +1,81 @@
+"""Preset selection and `key=value` overrides for `get_config(arg)`.
+
+Every config file exposes `get_config(arg)`, where `arg` is what follows the
+colon on the command line: `configs/pretrain.py:tiny,seq_len=512,model.num_layers=2`.
+The first item names a preset; the rest are dotted keys with values parsed
+to the type of the value they replace. A misspelt key is an error that names
+the keys that do exist.
+"""
+
+from __future__ import annotations
+
+import ast
+from typing import Callable, Mapping
+
+import ml_collections
+
+
+def split_arg(arg: str | None, default_preset: str) -> tuple[str, list[tuple[str, str]]]:
+  """Splits `'tiny,a.b=1,c=x'` into `('tiny', [('a.b', '1'), ('c', 'x')])`."""
+  items = [item.strip() for item in (arg or '').split(',') if item.strip()]
+  preset = default_preset
+  if items and '=' not in items[0]:
+    preset = items.pop(0)
+  overrides = []
+  for item in items:
+    if '=' not in item:
+      raise ValueError(f'Config override {item!r} is not of the form key=value.')
+    key, value = item.split('=', 1)
+    overrides.append((key.strip(), value.strip()))
+  return preset, overrides
+
+
+def parse_value(text: str, current: object) -> object:
+  """Parses `text` to the type of `current`, the value it replaces."""
+  if isinstance(current, bool):
+    lowered = text.lower()
+    if lowered not in ('true', 'false', '1', '0'):
+      raise ValueError(f'Expected a boolean, got {text!r}.')
+    return lowered in ('true', '1')
+  if isinstance(current, int):
+    return int(float(text)) if 'e' in text.lower() else int(text)
+  if isinstance(current, float):
+    return float(text)
+  if isinstance(current, str):
+    return text
+  if current is None and text.lower() == 'none':
+    return None
+  try:
+    return ast.literal_eval(text)
+  except (ValueError, SyntaxError):
+    return text
+
+
+def apply_override(config: ml_collections.ConfigDict, key: str, text: str) -> None:
+  """Sets the dotted `key` of `config` from `text`; unknown keys are an error."""
+  node = config
+  parts = key.split('.')
+  for depth, part in enumerate(parts):
+    if not isinstance(node, ml_collections.ConfigDict) or part not in node:
+      where = '.'.join(parts[:depth]) or 'the config'
+      valid = sorted(node.keys()) if isinstance(node, ml_collections.ConfigDict) else []
+      raise KeyError(f'Unknown config key {key!r}: {where} has no {part!r}; valid keys: {valid}')
+    if depth < len(parts) - 1:
+      node = node[part]
+  leaf = parts[-1]
+  node[leaf] = parse_value(text, node[leaf])
+
+
+def build(arg: str | None, presets: Mapping[str, Callable[[], ml_collections.ConfigDict]],
+          default_preset: str) -> ml_collections.ConfigDict:
+  """Builds the named preset and applies the overrides in `arg`."""
+  preset, overrides = split_arg(arg, default_preset)
+  if preset not in presets:
+    raise KeyError(f'Unknown preset {preset!r}; valid presets: {sorted(presets)}')
+  config = presets[preset]()
+  with config.unlocked():
+    config.preset = preset
+  for key, text in overrides:
+    apply_override(config, key, text)
+  return config
+

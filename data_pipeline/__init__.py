@@ -1,0 +1,1 @@
+"""strata: data_pipeline."""
