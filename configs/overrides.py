@@ -17,7 +17,7 @@ import ml_collections
 
 def split_arg(arg: str | None, default_preset: str) -> tuple[str, list[tuple[str, str]]]:
   """Splits `'tiny,a.b=1,c=x'` into `('tiny', [('a.b', '1'), ('c', 'x')])`."""
-  items = [item.strip() for item in (arg or '').split(',') if item.strip()]
+  items = [item.strip() for item in _split_top_level(arg or '') if item.strip()]
   preset = default_preset
   if items and '=' not in items[0]:
     preset = items.pop(0)
@@ -28,6 +28,21 @@ def split_arg(arg: str | None, default_preset: str) -> tuple[str, list[tuple[str
     key, value = item.split('=', 1)
     overrides.append((key.strip(), value.strip()))
   return preset, overrides
+
+
+def _split_top_level(text: str) -> list[str]:
+  """Splits on commas that are not inside brackets, so `shape=(3, 4)` stays whole."""
+  items, depth, start = [], 0, 0
+  for i, char in enumerate(text):
+    if char in '([{':
+      depth += 1
+    elif char in ')]}':
+      depth -= 1
+    elif char == ',' and depth == 0:
+      items.append(text[start:i])
+      start = i + 1
+  items.append(text[start:])
+  return items
 
 
 def parse_value(text: str, current: object) -> object:
