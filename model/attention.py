@@ -1,0 +1,332 @@
+"""Grouped-query self-attention with RoPE, packing masks and a KV cache.
+
+Three interchangeable implementations of the attention core, chosen by
+`ModelConfig.attention_impl`:
+
+- 'xla': plain einsums and a softmax; the reference, runs everywhere.
+- 'cudnn': `jax.nn.dot_product_attention(implementation='cudnn')` (GPU, needs
+  bfloat16/float16); packing goes in as a dense [B, 1, T, T] segment mask.
+- 'splash': the Pallas TPU splash-attention kernel with a causal mask and
+  `SegmentIds` for packing; grouped-query attention is native to the kernel.
+  It runs per device inside `jax.shard_map`, batch sharded as
+  'activation_batch' and heads as 'activation_heads' under the logical-axis
+  rules in context; the sequence axis is kept whole.
+- 'auto': splash on TPU, cudnn on GPU, xla otherwise (and xla wherever the
+  faster kernel cannot take the shapes/dtype, with a logged warning).
+
+The platform is read from the mesh in context (`jax.set_mesh(mesh)`, or the
+older `with mesh:`), so a train step traced on a CPU host for a TPU topology
+(`jax.experimental.topologies`) picks the TPU kernel; with no mesh in context
+it is `jax.default_backend()`. The same mesh is what splash's `shard_map` uses.
+Asking explicitly for 'splash' or 'cudnn' on a platform without it is an error
+at trace time.
+
+Letters: B batch, T query length, S key length, D d_model, N query heads,
+K key/value heads, G = N // K query heads per kv head, H head dim.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.ad_checkpoint import checkpoint_name
+from jax.sharding import PartitionSpec as P
+
+from model.config import ModelConfig
+from model.rope import apply_rope
+
+# Large but finite, so a row with every key masked gives a finite (uniform)
+# softmax instead of NaN; the splash kernel uses the same value.
+MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)
+BTNH = ('activation_batch', 'activation_length', 'activation_heads', 'activation_kv')
+BSKH = ('activation_batch', 'activation_length', 'activation_kv_heads', 'activation_kv')
+CACHE_BSKH = ('activation_batch', None, 'activation_kv_heads', 'activation_kv')
+GPU_PLATFORMS = ('gpu', 'cuda', 'rocm')
+SPLASH_BLOCK_SIZES = (512, 256, 128)  # tried largest first; must divide the length
+
+
+# ---------------------------------------------------------------- the platform
+
+def context_mesh() -> jax.sharding.Mesh | jax.sharding.AbstractMesh | None:
+  """The mesh in context: `jax.set_mesh` first, then the legacy `with mesh:`."""
+  abstract = jax.sharding.get_abstract_mesh()
+  if not abstract.empty:
+    return abstract
+  try:  # `with mesh:` is deprecated but still common; it is not public API.
+    from jax._src import mesh as mesh_lib  # pylint: disable=g-import-not-at-top
+    legacy = mesh_lib.thread_resources.env.physical_mesh
+    if not legacy.empty:
+      return legacy
+  except (ImportError, AttributeError):
+    pass
+  return None
+
+
+def mesh_platform(mesh: jax.sharding.Mesh | jax.sharding.AbstractMesh | None) -> str:
+  """'tpu' | 'gpu' | 'cpu' | ... of the devices attention will run on."""
+  platform = None
+  if isinstance(mesh, jax.sharding.Mesh):
+    platform = mesh.devices.flat[0].platform
+  elif mesh is not None:
+    platform = getattr(getattr(mesh, 'abstract_device', None), 'platform', None)
+  platform = (platform or jax.default_backend()).lower()
+  return 'gpu' if platform in GPU_PLATFORMS else platform
+
+
+def splash_block_size(length: int) -> int | None:
+  for block in SPLASH_BLOCK_SIZES:
+    if length % block == 0:
+      return block
+  return None
+
+
+def select_impl(requested: str, platform: str, length: int, dtype: jnp.dtype) -> str:
+  """Resolves `attention_impl` to 'xla' | 'cudnn' | 'splash' for one call."""
+  dtype = jnp.dtype(dtype)
+  if requested == 'auto':
+    if platform == 'tpu':
+      if splash_block_size(length) is not None:
+        return 'splash'
+      logging.warning('attention_impl=auto: splash needs a length divisible by 128, got '
+                      '%d; using xla attention.', length)
+    elif platform == 'gpu':
+      if dtype in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
+        return 'cudnn'
+      logging.warning('attention_impl=auto: cudnn needs bfloat16/float16, got %s; using '
+                      'xla attention.', dtype)
+    return 'xla'
+  if requested == 'splash':
+    if platform != 'tpu':
+      raise ValueError(f"attention_impl='splash' needs TPU devices, but attention runs on "
+                       f"'{platform}'; use 'auto' or 'xla'.")
+    if splash_block_size(length) is None:
+      raise ValueError(f"attention_impl='splash' needs a sequence length divisible by 128, "
+                       f'got {length}.')
+  if requested == 'cudnn':
+    if platform != 'gpu':
+      raise ValueError(f"attention_impl='cudnn' needs GPU devices, but attention runs on "
+                       f"'{platform}'; use 'auto' or 'xla'.")
+    if dtype not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
+      raise ValueError(f"attention_impl='cudnn' needs dtype bfloat16 or float16, got {dtype}.")
+  return requested
+
+
+# ------------------------------------------------------------ the three cores
+
+def segment_causal_mask(segment_ids_BT: jax.Array) -> jax.Array:
+  """[B, T, T]: key s visible to query t iff s <= t and both are in one segment."""
+  length = segment_ids_BT.shape[1]
+  causal_TT = jnp.tril(jnp.ones((length, length), jnp.bool_))
+  same_BTT = segment_ids_BT[:, :, None] == segment_ids_BT[:, None, :]
+  return same_BTT & causal_TT
+
+
+def xla_attention(q_BTNH: jax.Array, k_BSKH: jax.Array, v_BSKH: jax.Array,
+                  mask_BTS: jax.Array) -> jax.Array:
+  """Reference attention; the kv heads are shared by groups of G query heads."""
+  batch, length, num_heads, head_dim = q_BTNH.shape
+  num_kv_heads = k_BSKH.shape[2]
+  q_BTKGH = q_BTNH.reshape(batch, length, num_kv_heads, num_heads // num_kv_heads, head_dim)
+  logits_BKGTS = jnp.einsum('BTKGH,BSKH->BKGTS', q_BTKGH, k_BSKH,
+                            preferred_element_type=jnp.float32)
+  logits_BKGTS = logits_BKGTS * (1.0 / math.sqrt(head_dim))
+  logits_BKGTS = jnp.where(mask_BTS[:, None, None], logits_BKGTS, MASK_VALUE)
+  probs_BKGTS = jax.nn.softmax(logits_BKGTS, axis=-1).astype(v_BSKH.dtype)
+  out_BTKGH = jnp.einsum('BKGTS,BSKH->BTKGH', probs_BKGTS, v_BSKH)
+  return out_BTKGH.reshape(batch, length, num_heads, head_dim)
+
+
+def dot_product_attention(q_BTNH: jax.Array, k_BSKH: jax.Array, v_BSKH: jax.Array,
+                          segment_ids_BT: jax.Array, implementation: str = 'cudnn') -> jax.Array:
+  """`jax.nn.dot_product_attention` with a causal + same-segment mask.
+
+  `implementation='cudnn'` is the fused GPU kernel; 'xla' runs anywhere and is
+  what the tests compare against `xla_attention`.
+  """
+  same_B1TS = (segment_ids_BT[:, :, None] == segment_ids_BT[:, None, :])[:, None]
+  return jax.nn.dot_product_attention(q_BTNH, k_BSKH, v_BSKH, mask=same_B1TS, is_causal=True,
+                                      implementation=implementation)
+
+
+def splash_attention(q_BTNH: jax.Array, k_BSKH: jax.Array, v_BSKH: jax.Array,
+                     segment_ids_BT: jax.Array, *, mesh=None, interpret: bool = False) -> jax.Array:
+  """Causal, segment-masked attention with the Pallas TPU splash kernel.
+
+  With a `mesh` the kernel runs per device under `jax.shard_map`: batch split
+  as the logical rules split 'activation_batch', query and kv heads both as
+  'activation_heads' (so each device holds whole GQA groups; the kv heads must
+  divide evenly), the sequence whole. `interpret=True` runs the kernel in the
+  Pallas interpreter (slow; lets tests check it on CPU).
+  """
+  from jax.experimental.pallas.ops.tpu import splash_attention as splash  # pylint: disable=g-import-not-at-top
+  length, head_dim = q_BTNH.shape[1], q_BTNH.shape[3]
+  block = splash_block_size(length)
+  if block is None:
+    raise ValueError(f'splash attention needs a sequence length divisible by 128, got {length}.')
+  block_sizes = splash.BlockSizes(
+      block_q=block, block_kv=block, block_kv_compute=block,
+      block_q_dkv=block, block_kv_dkv=block, block_kv_dkv_compute=block,
+      use_fused_bwd_kernel=True)
+
+  def attend_local(q_BTNH, k_BSKH, v_BSKH, segment_ids_BT):
+    mask = splash.MultiHeadMask([splash.CausalMask((length, length))] * q_BTNH.shape[2])
+    kernel = splash.make_splash_mha(mask, block_sizes=block_sizes, head_shards=1,
+                                    q_seq_shards=1, interpret=interpret)
+    # The kernel takes [heads, length, head_dim] per example and does not scale.
+    q_BNTH = jnp.swapaxes(q_BTNH * jnp.asarray(1.0 / math.sqrt(head_dim), q_BTNH.dtype), 1, 2)
+    k_BKSH, v_BKSH = jnp.swapaxes(k_BSKH, 1, 2), jnp.swapaxes(v_BSKH, 1, 2)
+    segments = splash.SegmentIds(q=segment_ids_BT, kv=segment_ids_BT)
+    out_BNTH = jax.vmap(kernel)(q_BNTH, k_BKSH, v_BKSH, segment_ids=segments)
+    return jnp.swapaxes(out_BNTH, 1, 2)
+
+  if mesh is None or mesh.empty or math.prod(mesh.shape.values()) == 1:
+    return attend_local(q_BTNH, k_BSKH, v_BSKH, segment_ids_BT)
+  batch_axes = _mesh_axes('activation_batch', mesh)
+  head_axes = _mesh_axes('activation_heads', mesh)
+  head_shards = math.prod(mesh.shape[a] for a in _as_tuple(head_axes))
+  if k_BSKH.shape[2] % head_shards:
+    raise ValueError(f'splash attention: {k_BSKH.shape[2]} kv heads cannot be split over the '
+                     f'{head_shards} devices that shard the heads ({head_axes}).')
+  qkv_spec = P(batch_axes, None, head_axes, None)
+  sharded = jax.shard_map(attend_local, mesh=mesh,
+                          in_specs=(qkv_spec, qkv_spec, qkv_spec, P(batch_axes, None)),
+                          out_specs=qkv_spec, check_vma=False)
+  return sharded(q_BTNH, k_BSKH, v_BSKH, segment_ids_BT)
+
+
+def _as_tuple(axes) -> tuple[str, ...]:
+  if axes is None:
+    return ()
+  return tuple(axes) if isinstance(axes, (tuple, list)) else (axes,)
+
+
+def _mesh_axes(logical_name: str, mesh) -> str | tuple[str, ...] | None:
+  """The mesh axes the rules in context give a logical name (only those in `mesh`)."""
+  axes = _as_tuple(nn.logical_to_mesh_axes((logical_name,))[0])
+  axes = tuple(a for a in axes if a in mesh.shape and mesh.shape[a] > 1)
+  if not axes:
+    return None
+  return axes[0] if len(axes) == 1 else axes
+
+
+def attention_core(q_BTNH: jax.Array, k_BSKH: jax.Array, v_BSKH: jax.Array,
+                   segment_ids_BT: jax.Array, requested: str) -> jax.Array:
+  """Training/scoring attention (queries and keys are the same T tokens)."""
+  mesh = context_mesh()
+  impl = select_impl(requested, mesh_platform(mesh), q_BTNH.shape[1], q_BTNH.dtype)
+  if impl == 'splash':
+    return splash_attention(q_BTNH, k_BSKH, v_BSKH, segment_ids_BT, mesh=mesh)
+  if impl == 'cudnn':
+    return dot_product_attention(q_BTNH, k_BSKH, v_BSKH, segment_ids_BT, 'cudnn')
+  return xla_attention(q_BTNH, k_BSKH, v_BSKH, segment_causal_mask(segment_ids_BT))
+
+
+# ------------------------------------------------------------------ the module
+
+class Attention(nn.Module):
+  """Grouped-query self-attention block (projections, RoPE, core, output).
+
+  With `decode=True` it keeps a KV cache in the 'cache' collection:
+  `cached_key`/`cached_value` [B, max_len, K, H] (compute dtype, keys already
+  rotated), `cache_segment_ids` and `cache_positions` [B, max_len] (int32; a
+  segment id of 0 marks an empty or padding slot) and `cache_index` [B], the
+  next slot to write in each row. A call writes its T tokens at slots
+  `index .. index + T - 1` of each row (writes past the end are dropped) and
+  then advances the row's index to just after its last non-padding token. So
+  left-padded prompts (padding in the cache, never attended) and right-padded
+  prompts (padding written, then overwritten by the next tokens) both work,
+  and a decode step whose token is padding (a finished row) leaves the row's
+  index where it is. Key slot s is visible to query t iff slot s holds a
+  non-padding token (segment id != 0) whose position is <= the query's
+  position. When `positions` is None they default to `index + arange(T)`.
+  """
+  config: ModelConfig
+  decode: bool = False
+
+  @nn.compact
+  def __call__(self, x_BTD: jax.Array, segment_ids_BT: jax.Array,
+               positions_BT: jax.Array | None) -> jax.Array:
+    cfg = self.config
+    dtype, param_dtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
+    d, n, k, h = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    in_init = nn.initializers.normal(stddev=1.0 / math.sqrt(d))
+    out_init = nn.initializers.normal(stddev=1.0 / math.sqrt(n * h * 2 * cfg.num_layers))
+    param = self.param
+    wq_DNH = param('wq', nn.with_logical_partitioning(in_init, ('embed', 'heads', 'kv')),
+                   (d, n, h), param_dtype)
+    wk_DKH = param('wk', nn.with_logical_partitioning(in_init, ('embed', 'kv_heads', 'kv')),
+                   (d, k, h), param_dtype)
+    wv_DKH = param('wv', nn.with_logical_partitioning(in_init, ('embed', 'kv_heads', 'kv')),
+                   (d, k, h), param_dtype)
+    wo_NHD = param('wo', nn.with_logical_partitioning(out_init, ('heads', 'kv', 'embed')),
+                   (n, h, d), param_dtype)
+
+    q_BTNH = jnp.einsum('BTD,DNH->BTNH', x_BTD, jnp.asarray(wq_DNH, dtype))
+    k_BTKH = jnp.einsum('BTD,DKH->BTKH', x_BTD, jnp.asarray(wk_DKH, dtype))
+    v_BTKH = jnp.einsum('BTD,DKH->BTKH', x_BTD, jnp.asarray(wv_DKH, dtype))
+    cache = self._cache_vars(x_BTD.shape[0]) if self.decode else None
+    if self.decode and positions_BT is None:
+      positions_BT = (cache['cache_index'].value[:, None]
+                      + jnp.arange(x_BTD.shape[1], dtype=jnp.int32))
+    q_BTNH = apply_rope(q_BTNH, positions_BT, cfg.rope_theta)
+    k_BTKH = apply_rope(k_BTKH, positions_BT, cfg.rope_theta)
+    q_BTNH = checkpoint_name(nn.with_logical_constraint(q_BTNH, BTNH), 'query_proj')
+    k_BTKH = checkpoint_name(nn.with_logical_constraint(k_BTKH, BSKH), 'key_proj')
+    v_BTKH = checkpoint_name(nn.with_logical_constraint(v_BTKH, BSKH), 'value_proj')
+
+    if self.decode:
+      out_BTNH = self._cached_attention(cache, q_BTNH, k_BTKH, v_BTKH, segment_ids_BT,
+                                        positions_BT)
+    else:
+      out_BTNH = attention_core(q_BTNH, k_BTKH, v_BTKH, segment_ids_BT, cfg.attention_impl)
+    out_BTNH = checkpoint_name(nn.with_logical_constraint(out_BTNH, BTNH), 'attn_out')
+    out_BTD = jnp.einsum('BTNH,NHD->BTD', out_BTNH, jnp.asarray(wo_NHD, dtype))
+    return nn.with_logical_constraint(
+        out_BTD, ('activation_batch', 'activation_length', 'activation_embed'))
+
+  def _cache_vars(self, batch: int) -> dict[str, nn.Variable]:
+    """The cache variables; created (zeros, length `max_len`) only by `init`."""
+    cfg = self.config
+    kv_shape = (batch, cfg.max_len, cfg.num_kv_heads, cfg.head_dim)
+    dtype = jnp.dtype(cfg.dtype)
+    zeros = jnp.zeros
+    return {
+        'cached_key': self.variable('cache', 'cached_key', zeros, kv_shape, dtype),
+        'cached_value': self.variable('cache', 'cached_value', zeros, kv_shape, dtype),
+        'cache_segment_ids': self.variable('cache', 'cache_segment_ids', zeros,
+                                           (batch, cfg.max_len), jnp.int32),
+        'cache_positions': self.variable('cache', 'cache_positions', zeros,
+                                         (batch, cfg.max_len), jnp.int32),
+        'cache_index': self.variable('cache', 'cache_index', zeros, (batch,), jnp.int32),
+    }
+
+  def _cached_attention(self, cache, q_BTNH, k_BTKH, v_BTKH, segment_ids_BT, positions_BT):
+    batch, length = segment_ids_BT.shape
+    index_B = cache['cache_index'].value
+    slots_BT = index_B[:, None] + jnp.arange(length, dtype=jnp.int32)
+    rows_B1 = jnp.arange(batch)[:, None]
+
+    def write(name, new, constraint=None):
+      value = cache[name].value.at[rows_B1, slots_BT].set(new.astype(cache[name].value.dtype),
+                                                          mode='drop')
+      if constraint is not None:
+        value = nn.with_logical_constraint(value, constraint)
+      cache[name].value = value
+      return value
+
+    k_BSKH = write('cached_key', k_BTKH, CACHE_BSKH)
+    v_BSKH = write('cached_value', v_BTKH, CACHE_BSKH)
+    segments_BS = write('cache_segment_ids', segment_ids_BT)
+    positions_BS = write('cache_positions', positions_BT)
+    # Advance to just after the last non-padding token written by this call.
+    filled_BT = jnp.where(segment_ids_BT != 0, jnp.arange(1, length + 1, dtype=jnp.int32), 0)
+    cache['cache_index'].value = index_B + jnp.max(filled_BT, axis=1)
+
+    mask_BTS = (segments_BS[:, None, :] != 0) & (
+        positions_BS[:, None, :] <= positions_BT[:, :, None])
+    return xla_attention(q_BTNH, k_BSKH, v_BSKH, mask_BTS)

@@ -1,0 +1,93 @@
+"""Token embedding, RMSNorm and the SwiGLU MLP.
+
+Parameters are stored in `param_dtype` and cast to the compute `dtype` where
+they are used; every parameter names its logical axes and the activations are
+constrained with the activation names, so the mesh mapping stays in config.
+"""
+
+from __future__ import annotations
+
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
+
+from model.config import ModelConfig
+
+BLD = ('activation_batch', 'activation_length', 'activation_embed')
+
+
+def normal_init(stddev: float) -> nn.initializers.Initializer:
+  return nn.initializers.normal(stddev=stddev)
+
+
+class Embed(nn.Module):
+  """Token embedding; `attend` gives logits against the same matrix (tied)."""
+  config: ModelConfig
+
+  def setup(self):
+    cfg = self.config
+    # stddev 1/sqrt(d): tied logits of a unit-RMS input then start with unit scale.
+    self.embedding = self.param(
+        'embedding',
+        nn.with_logical_partitioning(normal_init(1.0 / math.sqrt(cfg.d_model)),
+                                     ('vocab', 'embed')),
+        (cfg.vocab_size, cfg.d_model), jnp.dtype(cfg.param_dtype))
+
+  def __call__(self, tokens_BL: jax.Array) -> jax.Array:
+    cfg = self.config
+    embedding_VD = jnp.asarray(self.embedding, jnp.dtype(cfg.dtype))
+    x_BLD = jnp.take(embedding_VD, tokens_BL, axis=0)
+    # Unit RMS at the input regardless of the init scale of the table.
+    x_BLD = x_BLD * jnp.asarray(math.sqrt(cfg.d_model), x_BLD.dtype)
+    return nn.with_logical_constraint(x_BLD, BLD)
+
+  def attend(self, x_BLD: jax.Array) -> jax.Array:
+    embedding_VD = jnp.asarray(self.embedding, jnp.dtype(self.config.dtype))
+    return jnp.einsum('BLD,VD->BLV', x_BLD, embedding_VD,
+                      preferred_element_type=jnp.float32)
+
+
+class RMSNorm(nn.Module):
+  """Root-mean-square norm with a learned per-feature scale (no bias)."""
+  config: ModelConfig
+
+  @nn.compact
+  def __call__(self, x_BLD: jax.Array) -> jax.Array:
+    cfg = self.config
+    scale_D = self.param(
+        'scale', nn.with_logical_partitioning(nn.initializers.ones, ('norm',)),
+        (x_BLD.shape[-1],), jnp.dtype(cfg.param_dtype))
+    # The statistics in float32 even for bfloat16 activations.
+    x = x_BLD.astype(jnp.float32)
+    x = x * jax.lax.rsqrt(jnp.mean(jnp.square(x), axis=-1, keepdims=True) + cfg.norm_eps)
+    return (x * jnp.asarray(scale_D, jnp.float32)).astype(jnp.dtype(cfg.dtype))
+
+
+class Mlp(nn.Module):
+  """SwiGLU: `down(silu(x @ gate) * (x @ up))`, no biases."""
+  config: ModelConfig
+
+  @nn.compact
+  def __call__(self, x_BLD: jax.Array) -> jax.Array:
+    cfg = self.config
+    dtype, param_dtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
+    in_init = normal_init(1.0 / math.sqrt(cfg.d_model))
+    # The output projection is scaled down with depth so the residual stream's
+    # variance does not grow with the number of layers at initialisation.
+    out_init = normal_init(1.0 / math.sqrt(cfg.mlp_dim * 2 * cfg.num_layers))
+    gate_DF = self.param('wi_gate', nn.with_logical_partitioning(in_init, ('embed', 'mlp')),
+                         (cfg.d_model, cfg.mlp_dim), param_dtype)
+    up_DF = self.param('wi_up', nn.with_logical_partitioning(in_init, ('embed', 'mlp')),
+                       (cfg.d_model, cfg.mlp_dim), param_dtype)
+    down_FD = self.param('wo', nn.with_logical_partitioning(out_init, ('mlp', 'embed')),
+                         (cfg.mlp_dim, cfg.d_model), param_dtype)
+    bl_f = ('activation_batch', 'activation_length', 'activation_mlp')
+    gate_BLF = jnp.einsum('BLD,DF->BLF', x_BLD, jnp.asarray(gate_DF, dtype))
+    up_BLF = jnp.einsum('BLD,DF->BLF', x_BLD, jnp.asarray(up_DF, dtype))
+    h_BLF = nn.with_logical_constraint(nn.silu(gate_BLF) * up_BLF, bl_f)
+    h_BLF = checkpoint_name(h_BLF, 'mlp_hidden')
+    out_BLD = jnp.einsum('BLF,FD->BLD', h_BLF, jnp.asarray(down_FD, dtype))
+    return nn.with_logical_constraint(out_BLD, BLD)
