@@ -1,0 +1,258 @@
+"""Checkpoints: an Orbax `CheckpointManager` holding state, loader state and metadata.
+
+One step directory holds three items:
+  `state`:  the train state (params, opt_state, step, rng), saved with
+            `StandardSave` and restored onto the shardings of an abstract
+            target, so a checkpoint written on one mesh restores on another;
+  `loader`: the data iterator's JSON state, so a resumed run sees exactly the
+            batches an uninterrupted one would;
+  `meta`:   JSON with the step and the metrics logged with it.
+
+Saves are asynchronous (the device keeps training while the host writes); call
+`wait()` or `close()` before the process exits. The manager keeps the latest
+`keep` checkpoints plus the one with the lowest `eval/loss`.
+
+A step directory that is incomplete (a missing file or commit marker) or that
+fails to restore (a truncated array file) is reported with its step and path,
+moved aside to `<directory>.corrupt/`, and the previous good step is restored.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import sys
+import time
+from typing import Any
+
+from absl import logging
+import jax
+import orbax.checkpoint as ocp
+
+STATE = 'state'
+LOADER = 'loader'
+META = 'meta'
+ITEMS = (STATE, LOADER, META)
+# Files every committed step must hold, relative to the step directory. Orbax
+# writes `commit_success.txt` last, just before the atomic rename.
+REQUIRED_FILES = (
+    'commit_success.txt',
+    f'{STATE}/_METADATA',
+    f'{STATE}/manifest.ocdbt',
+    f'{LOADER}/metadata',
+    f'{META}/metadata',
+)
+
+
+class CheckpointError(RuntimeError):
+  """A checkpoint step that cannot be restored; the message names step and path."""
+
+
+def eval_loss_of(metrics: dict[str, Any] | None) -> float:
+  """Ranks checkpoints: lower is better; steps without an eval loss rank last."""
+  if not metrics or metrics.get('eval/loss') is None:
+    return math.inf
+  return float(metrics['eval/loss'])
+
+
+def _json_safe(metrics: dict[str, Any] | None) -> dict[str, Any]:
+  """Plain floats/ints for JSON; non-finite values become None."""
+  out = {}
+  for key, value in (metrics or {}).items():
+    if hasattr(value, 'item'):
+      value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+      value = None
+    out[key] = value
+  return out
+
+
+class Checkpointer:
+  """Saves and restores train state + loader state under one directory."""
+
+  def __init__(self, directory: str, *, keep: int = 3, keep_best: bool = True,
+               async_save: bool = True, read_only: bool = False):
+    self.directory = os.path.abspath(os.fspath(directory))
+    policies = [ocp.checkpoint_managers.LatestN(n=max(int(keep), 1))]
+    if keep_best:
+      # `reverse=True` sorts descending, and BestN keeps the tail: the lowest loss.
+      policies.append(ocp.checkpoint_managers.BestN(
+          get_metric_fn=eval_loss_of, reverse=True, n=1,
+          keep_checkpoints_without_metrics=False))
+    options = ocp.CheckpointManagerOptions(
+        # `best_fn` makes the manager write the metrics with each step;
+        # retention itself is decided by `preservation_policy`.
+        best_fn=eval_loss_of,
+        best_mode='min',
+        preservation_policy=ocp.checkpoint_managers.AnyPreservationPolicy(policies),
+        enable_async_checkpointing=async_save,
+        cleanup_tmp_directories=not read_only,
+        create=not read_only,
+        read_only=read_only,
+    )
+    self._manager = ocp.CheckpointManager(self.directory, options=options, item_names=ITEMS)
+
+  # --- queries -------------------------------------------------------------
+
+  def all_steps(self) -> list[int]:
+    return sorted(self._manager.all_steps())
+
+  def latest_step(self) -> int | None:
+    return self._manager.latest_step()
+
+  def best_step(self) -> int | None:
+    """The step with the lowest saved `eval/loss` (None if none has one)."""
+    scored = [(eval_loss_of(self.metadata(s).get('metrics')), s) for s in self.all_steps()]
+    scored = [(loss, s) for loss, s in scored if math.isfinite(loss)]
+    return min(scored)[1] if scored else None
+
+  def step_dir(self, step: int) -> str:
+    return os.path.join(self.directory, str(step))
+
+  def metadata(self, step: int) -> dict[str, Any]:
+    """The `meta` item of a step (step, metrics, time), read as plain JSON."""
+    path = os.path.join(self.step_dir(step), META, 'metadata')
+    try:
+      with open(path) as f:
+        return json.load(f)
+    except (OSError, ValueError):
+      return {}
+
+  # --- saving --------------------------------------------------------------
+
+  def save(self, step: int, state: Any, loader_state: dict[str, Any] | None = None,
+           metrics: dict[str, Any] | None = None) -> bool:
+    """Starts an asynchronous save of `state` and `loader_state` at `step`.
+
+    Returns False (and writes nothing) if `step` is already saved.
+    """
+    step = int(step)
+    if step in self._manager.all_steps():
+      return False
+    metrics = _json_safe(metrics)
+    meta = {'step': step, 'metrics': metrics, 'saved_at': time.time()}
+    args = ocp.args.Composite(**{
+        STATE: ocp.args.StandardSave(state),
+        LOADER: ocp.args.JsonSave(loader_state or {}),
+        META: ocp.args.JsonSave(meta),
+    })
+    return self._manager.save(step, args=args, metrics=metrics, force=True)
+
+  def wait(self) -> None:
+    """Blocks until pending asynchronous saves are on disk."""
+    self._manager.wait_until_finished()
+
+  def close(self) -> None:
+    self._manager.wait_until_finished()
+    self._manager.close()
+
+  # --- restoring -----------------------------------------------------------
+
+  def check_step(self, step: int) -> None:
+    """Raises CheckpointError if a committed file of `step` is missing or empty."""
+    step_dir = self.step_dir(step)
+    for rel in REQUIRED_FILES:
+      path = os.path.join(step_dir, rel)
+      if not os.path.isfile(path):
+        what = 'commit marker' if rel.endswith('commit_success.txt') else 'file'
+        raise CheckpointError(
+            f'Checkpoint step {step} at {step_dir} is incomplete: missing {what} {rel}')
+      if os.path.getsize(path) == 0:
+        raise CheckpointError(f'Checkpoint step {step} at {step_dir} is corrupt: {rel} is empty')
+
+  def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict[str, Any]]:
+    """Restores `step` onto the shardings in `abstract_state`.
+
+    `abstract_state` is the train state as a pytree of `jax.ShapeDtypeStruct`
+    with `sharding` set (e.g. from `jax.eval_shape` plus the state shardings).
+    Returns (state, loader_state); raises CheckpointError if unreadable.
+    """
+    self.check_step(step)
+    args = ocp.args.Composite(**{
+        STATE: ocp.args.StandardRestore(abstract_state),
+        LOADER: ocp.args.JsonRestore(),
+        META: ocp.args.JsonRestore(),
+    })
+    try:
+      restored = self._manager.restore(step, args=args)
+    except Exception as e:  # Orbax/TensorStore raise many types; all mean "unreadable".
+      first_line = str(e).strip().splitlines()[0][:300] if str(e).strip() else ''
+      raise CheckpointError(
+          f'Checkpoint step {step} at {self.step_dir(step)} is corrupt or unreadable: '
+          f'{type(e).__name__}: {first_line}') from e
+    return restored[STATE], dict(restored[LOADER] or {})
+
+  def restore_latest(self, abstract_state: Any) -> tuple[Any, dict[str, Any]] | None:
+    """Restores the newest good step; None if the directory holds none.
+
+    A bad newest step is reported (stderr and log), moved aside, and the one
+    before it is tried.
+    """
+    for step in reversed(self.all_steps()):
+      try:
+        return self.restore(step, abstract_state)
+      except CheckpointError as e:
+        message = f'{e}. Falling back to the previous checkpoint.'
+        logging.error(message)
+        print(f'WARNING: {message}', file=sys.stderr, flush=True)
+        self._quarantine(step)
+    return None
+
+  def restore_params(self, step: int | None, abstract_params: Any) -> tuple[int, Any]:
+    """Restores only `params` (no optimizer state) of `step` (None = newest good).
+
+    Returns (step, params). For generation and evaluation.
+    """
+    steps = [step] if step is not None else list(reversed(self.all_steps()))
+    if not steps or (step is not None and step not in self.all_steps()):
+      raise CheckpointError(f'No checkpoint {"" if step is None else f"step {step} "}'
+                            f'in {self.directory}; saved steps: {self.all_steps()}')
+    errors = []
+    for s in steps:
+      try:
+        self.check_step(s)
+        # A fresh read-only manager: the `state` item is read here with the
+        # PyTree handler, whose partial restore skips the optimizer state.
+        reader = ocp.CheckpointManager(self.directory, item_names=(STATE,),
+                                       options=ocp.CheckpointManagerOptions(read_only=True))
+        restored = reader.restore(s, args=ocp.args.Composite(**{
+            STATE: ocp.args.PyTreeRestore(
+                item={'params': abstract_params},
+                restore_args=jax.tree.map(_restore_args, {'params': abstract_params}),
+                partial_restore=True)}))
+        return s, restored[STATE]['params']
+      except CheckpointError as e:
+        errors.append(str(e))
+      except Exception as e:  # pylint: disable=broad-except
+        errors.append(f'Checkpoint step {s} at {self.step_dir(s)} is unreadable: '
+                      f'{type(e).__name__}: {str(e).strip().splitlines()[0][:300]}')
+      print(f'WARNING: {errors[-1]}', file=sys.stderr, flush=True)
+    raise CheckpointError('; '.join(errors))
+
+  def _quarantine(self, step: int) -> None:
+    """Moves a bad step out of the way so a resumed run can save that step again."""
+    if jax.process_index() == 0:
+      target_dir = self.directory + '.corrupt'
+      os.makedirs(target_dir, exist_ok=True)
+      target = os.path.join(target_dir, f'{step}-{int(time.time())}')
+      shutil.move(self.step_dir(step), target)
+      print(f'Moved bad checkpoint step {step} to {target}', file=sys.stderr, flush=True)
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+      multihost_utils.sync_global_devices(f'strata_quarantine_{step}')
+    self._manager.reload()
+
+
+def _restore_args(leaf: Any) -> ocp.ArrayRestoreArgs | ocp.RestoreArgs:
+  sharding = getattr(leaf, 'sharding', None)
+  if sharding is None:
+    return ocp.RestoreArgs()
+  return ocp.ArrayRestoreArgs(sharding=sharding, global_shape=leaf.shape, dtype=leaf.dtype)
+
+
+def abstract_like(tree: Any, shardings: Any) -> Any:
+  """A pytree of `jax.ShapeDtypeStruct` with `shardings`, the restore target."""
+  return jax.tree.map(
+      lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
