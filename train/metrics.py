@@ -1,0 +1,159 @@
+"""Metrics sinks: `<workdir>/metrics.jsonl`, TensorBoard events and a console line.
+
+`metrics.jsonl` holds one JSON object per logged step, e.g.
+  {"step": 200, "tokens": 409600, "train/loss": 3.21, "train/learning_rate": 0.001,
+   "train/grad_norm": 0.8, "perf/tokens_per_sec": 15000.0, "perf/mfu": 0.21,
+   "perf/step_time": 0.136, "eval/loss": 3.4, "eval/perplexity": 30.0}
+Non-finite floats are written as the strings "nan"/"inf"/"-inf" so the file
+stays strict JSON; `float()` reads them back.
+
+On resume the writer drops records newer than the restored step (they belong
+to the interrupted run's lost future) and a torn last line, so the file
+always tells one consistent history. Only process 0 writes.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from typing import Any, Mapping
+
+import jax
+
+METRICS_FILE = 'metrics.jsonl'
+TENSORBOARD_DIR = 'tensorboard'
+
+
+def _plain(value: Any) -> Any:
+  """JSON-ready scalar: numpy/jax scalars to Python; non-finite floats to strings."""
+  if hasattr(value, 'item') and getattr(value, 'size', 1) == 1:
+    value = value.item()
+  if isinstance(value, float) and not math.isfinite(value):
+    return str(value)  # 'nan', 'inf', '-inf'
+  return value
+
+
+def read_metrics(workdir: str) -> list[dict[str, Any]]:
+  """All complete records of `<workdir>/metrics.jsonl` (a torn last line is skipped)."""
+  path = os.path.join(workdir, METRICS_FILE)
+  records = []
+  if not os.path.exists(path):
+    return records
+  with open(path) as f:
+    for line in f:
+      try:
+        records.append(json.loads(line))
+      except ValueError:
+        continue
+  return records
+
+
+def format_duration(seconds: float) -> str:
+  seconds = max(int(seconds), 0)
+  hours, rest = divmod(seconds, 3600)
+  minutes, secs = divmod(rest, 60)
+  return f'{hours}h{minutes:02d}m{secs:02d}s' if hours else f'{minutes}m{secs:02d}s'
+
+
+def _si(value: float) -> str:
+  for unit, scale in (('G', 1e9), ('M', 1e6), ('k', 1e3)):
+    if abs(value) >= scale:
+      return f'{value / scale:.1f}{unit}'
+  return f'{value:.0f}'
+
+
+def progress_line(step: int, total: int | None, record: Mapping[str, Any],
+                  eta_seconds: float | None) -> str:
+  """`step 120/1000 | loss 3.2101 | 15.2k tok/s | MFU 21.0% | 0.136 s/step | ETA 2m00s`."""
+  parts = [f'step {step}/{total}' if total else f'step {step}']
+  if isinstance(record.get('train/loss'), (int, float)):
+    parts.append(f'loss {record["train/loss"]:.4f}')
+  elif 'train/loss' in record:
+    parts.append(f'loss {record["train/loss"]}')
+  if isinstance(record.get('eval/loss'), (int, float)):
+    parts.append(f'eval {record["eval/loss"]:.4f}')
+  if record.get('perf/tokens_per_sec'):
+    parts.append(f'{_si(record["perf/tokens_per_sec"])} tok/s')
+  if record.get('perf/mfu') is not None:
+    parts.append(f'MFU {100 * record["perf/mfu"]:.1f}%')
+  if record.get('perf/step_time'):
+    parts.append(f'{record["perf/step_time"]:.3f} s/step')
+  if eta_seconds is not None:
+    parts.append(f'ETA {format_duration(eta_seconds)}')
+  return ' | '.join(parts)
+
+
+class MetricsWriter:
+  """Writes metric records to metrics.jsonl, TensorBoard and the console."""
+
+  def __init__(self, workdir: str, *, total_steps: int | None = None, start_step: int = 0,
+               tensorboard: bool = True, console: bool = True):
+    self.workdir = workdir
+    self.total_steps = total_steps
+    self.start_step = start_step
+    self.console = console
+    self.is_primary = jax.process_index() == 0
+    self.path = os.path.join(workdir, METRICS_FILE)
+    self._start_time = time.time()
+    self._tb = None
+    if not self.is_primary:
+      return
+    os.makedirs(workdir, exist_ok=True)
+    self._truncate_after(start_step)
+    self._file = open(self.path, 'a')
+    if tensorboard:
+      import tensorboardX  # pylint: disable=g-import-not-at-top
+      # purge_step hides events the interrupted run wrote after the restored step.
+      self._tb = tensorboardX.SummaryWriter(
+          os.path.join(workdir, TENSORBOARD_DIR),
+          purge_step=start_step + 1 if start_step else None)
+
+  def _truncate_after(self, step: int) -> None:
+    if not os.path.exists(self.path):
+      return
+    kept = [r for r in read_metrics(self.workdir) if int(r.get('step', 0)) <= step]
+    with open(self.path + '.tmp', 'w') as f:
+      for record in kept:
+        f.write(json.dumps(record) + '\n')
+    os.replace(self.path + '.tmp', self.path)
+
+  def write(self, step: int, metrics: Mapping[str, Any], *, print_line: bool = True,
+            eta_seconds: float | None = None) -> dict[str, Any]:
+    """Appends one record; returns it as written."""
+    record = {'step': int(step)}
+    record.update({k: _plain(v) for k, v in metrics.items()})
+    if not self.is_primary:
+      return record
+    self._file.write(json.dumps(record) + '\n')
+    self._file.flush()
+    if self._tb is not None:
+      for key, value in record.items():
+        if key != 'step' and isinstance(value, (int, float)) and not isinstance(value, bool):
+          self._tb.add_scalar(key, value, step)
+    if self.console and print_line:
+      print(progress_line(step, self.total_steps, record, eta_seconds), flush=True)
+    return record
+
+  def message(self, text: str) -> None:
+    """A console line (process 0 only), e.g. evaluation or checkpoint notices."""
+    if self.is_primary and self.console:
+      print(text, flush=True)
+
+  def error(self, text: str) -> None:
+    if self.is_primary:
+      print(text, file=sys.stderr, flush=True)
+
+  def flush(self) -> None:
+    if self.is_primary:
+      self._file.flush()
+      if self._tb is not None:
+        self._tb.flush()
+
+  def close(self) -> None:
+    if self.is_primary:
+      self._file.close()
+      if self._tb is not None:
+        self._tb.close()
