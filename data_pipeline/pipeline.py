@@ -1,0 +1,188 @@
+"""`run(config, workdir)`: every data stage in order, each with its counts.
+
+sources -> clean -> exact_dedup -> near_dedup -> split -> tokenizer (trained on
+the train split only) -> shards (every split encoded and written). The
+workdir ends up with tokenizer.model/.vocab, tfds/ (`strata_corpus`),
+data_report.json, data_config.json and, written last, DONE. A workdir with DONE
+is reused as it is.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import os
+import time
+from typing import Any, Iterable, Iterator
+
+import ml_collections
+import tqdm
+
+from data_pipeline import clean
+from data_pipeline import dedup
+from data_pipeline import report as report_lib
+from data_pipeline import shards
+from data_pipeline import sources
+from data_pipeline import split as split_lib
+from data_pipeline import tokenizer as tokenizer_lib
+
+DONE = 'DONE'
+REPORT = 'data_report.json'
+CONFIG = 'data_config.json'
+TOKENIZER_PREFIX = 'tokenizer'
+ENCODE_BATCH = 64  # Documents per SentencePiece call (it threads inside one).
+
+
+def _progress(iterable: Iterable, desc: str, total: int | None = None) -> tqdm.tqdm:
+  return tqdm.tqdm(iterable, desc=f'{desc:>12}', total=total, unit='doc',
+                   dynamic_ncols=True, mininterval=0.5)
+
+
+def _config_dict(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  # The preset name is a label; what matters is the values it set.
+  return {k: v for k, v in json.loads(config.to_json(sort_keys=True)).items() if k != 'preset'}
+
+
+def _differences(a: Any, b: Any, prefix: str = '') -> list[str]:
+  if isinstance(a, dict) and isinstance(b, dict):
+    return [d for k in sorted(set(a) | set(b))
+            for d in _differences(a.get(k), b.get(k), f'{prefix}{k}.')]
+  return [] if a == b else [f'{prefix[:-1]}: {a!r} -> {b!r}']
+
+
+def _reuse(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  config_path = os.path.join(workdir, CONFIG)
+  if os.path.exists(config_path):
+    with open(config_path) as f:
+      changed = _differences(json.load(f), _config_dict(config))
+    if changed:
+      raise ValueError(
+          f'{workdir} already holds a dataset built with a different config '
+          f'({"; ".join(changed[:5])}); use a fresh --workdir or delete it.')
+  with open(os.path.join(workdir, REPORT)) as f:
+    report = json.load(f)
+  print(f'{workdir} already holds a finished dataset ({DONE} exists): reusing it.')
+  return report
+
+
+def _encoded(tokenizer: tokenizer_lib.Tokenizer, docs: list[sources.Document],
+             bar: tqdm.tqdm) -> Iterator[tuple[str, list[int], int]]:
+  """(id, token ids, UTF-8 bytes) per document, encoded in batches as consumed."""
+  for start in range(0, len(docs), ENCODE_BATCH):
+    batch = docs[start:start + ENCODE_BATCH]
+    for doc, ids in zip(batch, tokenizer.encode_batch([d.text for d in batch])):
+      yield doc.id, ids, len(doc.text.encode('utf-8'))
+    bar.update(len(batch))
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  """Builds the dataset described by `config` in `workdir`; returns the report."""
+  if os.path.exists(os.path.join(workdir, DONE)):
+    report = _reuse(config, workdir)
+    print(report_lib.summary_table(report))
+    return report
+  os.makedirs(workdir, exist_ok=True)
+  started = time.time()
+  report = report_lib.Report(meta={'preset': config.get('preset', ''), 'workdir': workdir})
+
+  stage = report.stage('sources')
+  skipped = collections.Counter()
+  docs = list(_progress(sources.iter_documents(config.source, skipped), 'sources'))
+  stage.documents_in = len(docs) + sum(skipped.values())
+  stage.bytes_in = stage.bytes_out = report_lib.num_bytes(docs)  # Skipped files: no text.
+  stage.documents_out, stage.dropped = len(docs), skipped
+  stage.seconds = time.time() - started
+  if not docs:
+    raise ValueError(f'The source yielded no document (skipped: {dict(skipped)}).')
+
+  stage = report.stage('clean')
+  t = time.time()
+  pii = collections.Counter()
+  stage.documents_in, stage.bytes_in = len(docs), report.stages[-2].bytes_out
+  docs = clean.clean_documents(_progress(docs, 'clean'), config.clean, stage.dropped, pii)
+  stage.documents_out, stage.bytes_out = len(docs), report_lib.num_bytes(docs)
+  stage.details['pii_replacements'] = dict(sorted(pii.items()))
+  stage.seconds = time.time() - t
+
+  stage = report.stage('exact_dedup')
+  t = time.time()
+  stage.documents_in, stage.bytes_in = len(docs), report.stages[-2].bytes_out
+  docs, num_exact = dedup.exact_dedup(_progress(docs, 'exact_dedup'))
+  stage.dropped['exact_duplicate'] = num_exact
+  stage.documents_out, stage.bytes_out = len(docs), report_lib.num_bytes(docs)
+  stage.seconds = time.time() - t
+
+  stage = report.stage('near_dedup')
+  t = time.time()
+  stage.documents_in, stage.bytes_in = len(docs), report.stages[-2].bytes_out
+  docs, removed = dedup.near_dedup(
+      docs, ngram=config.dedup.ngram, num_perm=config.dedup.num_perm,
+      threshold=config.dedup.threshold, seed=config.dedup.seed,
+      progress=lambda it: _progress(it, 'near_dedup', total=len(docs)))
+  stage.dropped['near_duplicate'] = len(removed)
+  stage.documents_out, stage.bytes_out = len(docs), report_lib.num_bytes(docs)
+  stage.details['examples'] = [
+      {'dropped': a, 'kept': b, 'estimated_jaccard': round(s, 3)} for a, b, s in removed[:10]]
+  stage.seconds = time.time() - t
+
+  stage = report.stage('split')
+  t = time.time()
+  stage.documents_in = stage.documents_out = len(docs)
+  stage.bytes_in = stage.bytes_out = report.stages[-2].bytes_out
+  splits = split_lib.split_documents(docs, config.split.validation, config.split.test)
+  stage.details = {name: len(split_docs) for name, split_docs in splits.items()}
+  stage.seconds = time.time() - t
+  for name, split_docs in splits.items():
+    if not split_docs:
+      print(f'Warning: split {name!r} is empty ({len(docs)} documents in all).')
+  if not splits['train']:
+    raise ValueError(f'The train split is empty ({len(docs)} documents after dedup).')
+
+  stage = report.stage('tokenizer')
+  t = time.time()
+  train = splits['train']
+  stage.documents_in = stage.documents_out = len(train)
+  stage.bytes_in = stage.bytes_out = report_lib.num_bytes(train)
+  print(f'Training a {config.tokenizer.model_type} tokenizer of '
+        f'{config.tokenizer.vocab_size} pieces on {len(train):,} train documents...')
+  model_path = tokenizer_lib.train_tokenizer(
+      (doc.text for doc in train), os.path.join(workdir, TOKENIZER_PREFIX),
+      config.tokenizer.vocab_size, config.tokenizer.model_type,
+      input_sentence_size=config.tokenizer.input_sentence_size)
+  tokenizer = tokenizer_lib.Tokenizer.load(model_path)
+  stage.details = {'model': model_path, 'vocab_size': tokenizer.vocab_size,
+                   'model_type': config.tokenizer.model_type}
+  stage.seconds = time.time() - t
+
+  stage = report.stage('shards')
+  t = time.time()
+  stage.documents_in, stage.bytes_in = len(docs), report.stages[-3].bytes_out
+  with _progress(None, 'shards', total=len(docs)) as bar:
+    report.splits = shards.write_dataset(
+        workdir, {name: _encoded(tokenizer, split_docs, bar)
+                  for name, split_docs in splits.items()})
+  stage.documents_out = sum(s['documents'] for s in report.splits.values())
+  stage.bytes_out = sum(s['bytes'] for s in report.splits.values())
+  stage.details = {'data_dir': shards.tfds_data_dir(workdir)}
+  stage.seconds = time.time() - t
+
+  report.meta['seconds'] = round(time.time() - started, 1)
+  result = report.to_dict()
+  report_lib.write(result, os.path.join(workdir, REPORT))
+  with open(os.path.join(workdir, CONFIG), 'w') as f:
+    json.dump(_config_dict(config), f, indent=2)
+  with open(os.path.join(workdir, DONE), 'w') as f:
+    f.write(f'{time.strftime("%Y-%m-%dT%H:%M:%S%z")}\n')
+  print(report_lib.summary_table(result))
+  print(f'Done in {report.meta["seconds"]:.0f} s: {workdir}')
+  return result
+
+
+def ensure_prepared(data_workdir: str, preset: str = 'stdlib') -> dict[str, Any]:
+  """Builds the dataset of `configs/data.py:<preset>` in `data_workdir` unless DONE."""
+  if os.path.exists(os.path.join(data_workdir, DONE)):
+    with open(os.path.join(data_workdir, REPORT)) as f:
+      return json.load(f)
+  from configs import data as data_configs  # The configs package is installed beside us.
+  print(f'No finished dataset in {data_workdir}: building configs/data.py:{preset}.')
+  return run(data_configs.get_config(preset), data_workdir)

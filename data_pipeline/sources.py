@@ -1,0 +1,278 @@
+"""Where documents come from: the embedded corpus, local files, TFDS.
+
+Every source yields `Document(id, text, source)` with an id that stays the same
+when the corpus grows (the split is a hash of it):
+
+  stdlib:json/decoder.py          a standard-library module
+  pydoc:topics/assert             one topic of the reference prose in pydoc_data
+  file:notes/a.txt                a .txt file (one document per file)
+  file:data/web.jsonl#17          line 17 of a .jsonl file (or #<id> with id_field)
+  file:data/web.parquet#3         row 3 of a .parquet file (or #<id> with id_field)
+  tfds:c4/train#12                record 12 of a TFDS split
+
+Input that cannot be a document (bytes that are not UTF-8, empty or binary
+files, malformed .jsonl lines) is skipped: the reason is counted in `skipped`
+and the file / line is named in a warning, so nothing is lost silently.
+"""
+
+from __future__ import annotations
+
+import ast
+import collections
+import dataclasses
+import glob
+import json
+import logging
+import os
+import sysconfig
+from typing import Iterator, Sequence
+
+import ml_collections
+
+SUFFIXES = ('.txt', '.jsonl', '.parquet')
+# pydoc_data/topics.py is one dict literal of reference prose; it enters the
+# corpus as one document per topic instead of as a single code file.
+PYDOC_TOPICS = os.path.join('pydoc_data', 'topics.py')
+
+
+@dataclasses.dataclass(frozen=True)
+class Document:
+  id: str
+  text: str
+  source: str
+
+
+def _skip(skipped: collections.Counter, reason: str, where: str) -> None:
+  skipped[reason] += 1
+  # Empty files are common and harmless (package __init__.py); keep them quiet.
+  log = logging.debug if reason == 'empty_file' else logging.warning
+  log('Skipping %s: %s', where, reason)
+
+
+def decode_file(path: str, skipped: collections.Counter) -> str | None:
+  """Returns the UTF-8 text of `path`, or None (counted) if it is not usable."""
+  with open(path, 'rb') as f:
+    data = f.read()
+  if not data.strip():
+    _skip(skipped, 'empty_file', path)
+    return None
+  if b'\x00' in data:
+    _skip(skipped, 'binary_file', path)
+    return None
+  try:
+    return data.decode('utf-8')
+  except UnicodeDecodeError as e:
+    _skip(skipped, 'not_utf8', f'{path} (byte {e.start})')
+    return None
+
+
+# ----------------------------------------------------------------------------
+# The embedded corpus: the standard library's sources and pydoc reference text.
+
+
+def stdlib_root() -> str:
+  return sysconfig.get_paths()['stdlib']
+
+
+def pydoc_topics(path: str) -> dict[str, str]:
+  """Reads the `topics = {...}` literal of pydoc_data/topics.py without importing it."""
+  with open(path, encoding='utf-8') as f:
+    tree = ast.parse(f.read(), filename=path)
+  for node in tree.body:
+    if isinstance(node, ast.Assign) and any(
+        isinstance(t, ast.Name) and t.id == 'topics' for t in node.targets):
+      return ast.literal_eval(node.value)
+  raise ValueError(f'{path}: no `topics = {{...}}` assignment found.')
+
+
+def stdlib_documents(skipped: collections.Counter,
+                     root: str | None = None) -> Iterator[Document]:
+  """Every `.py` file under the stdlib (site-packages excluded) + pydoc topics."""
+  root = root or stdlib_root()
+  for dirpath, dirnames, filenames in os.walk(root):
+    # site-packages holds third-party code, not the standard library.
+    dirnames[:] = sorted(d for d in dirnames
+                         if d not in ('site-packages', '__pycache__'))
+    for name in sorted(filenames):
+      if not name.endswith('.py'):
+        continue
+      path = os.path.join(dirpath, name)
+      rel = os.path.relpath(path, root)
+      if rel == PYDOC_TOPICS:
+        for topic, text in sorted(pydoc_topics(path).items()):
+          if not text.strip():
+            _skip(skipped, 'empty_text', f'{path} topic {topic!r}')
+            continue
+          yield Document(f'pydoc:topics/{topic}', text, 'pydoc')
+        continue
+      text = decode_file(path, skipped)
+      if text is not None:
+        yield Document(f'stdlib:{rel.replace(os.sep, "/")}', text, 'stdlib')
+
+
+# ----------------------------------------------------------------------------
+# Local files.
+
+
+def expand_paths(paths: str | Sequence[str]) -> list[str]:
+  """Expands a comma-separated string or list of files / dirs / globs, sorted."""
+  if isinstance(paths, str):
+    paths = [p for p in paths.split(',')]
+  paths = [p.strip() for p in paths if p and p.strip()]
+  if not paths:
+    raise ValueError('source.paths is empty: give files, directories or globs, '
+                     'e.g. --config.source.paths=data/*.jsonl')
+  found = []
+  for pattern in paths:
+    matches = sorted(glob.glob(pattern, recursive=True))
+    if not matches:
+      raise FileNotFoundError(f'source.paths entry {pattern!r} matches no file.')
+    for match in matches:
+      if os.path.isdir(match):
+        for dirpath, dirnames, filenames in os.walk(match):
+          dirnames.sort()
+          found.extend(os.path.join(dirpath, f) for f in sorted(filenames)
+                       if f.endswith(SUFFIXES))
+      else:
+        found.append(match)
+  return sorted(dict.fromkeys(found))
+
+
+def txt_documents(path: str, skipped: collections.Counter) -> Iterator[Document]:
+  text = decode_file(path, skipped)
+  if text is not None:
+    yield Document(f'file:{path}', text, 'file')
+
+
+def _record_text(record: object, text_field: str) -> tuple[str | None, str]:
+  """The text of one record, or (None, reason)."""
+  if not isinstance(record, dict) or text_field not in record:
+    return None, 'missing_text_field'
+  value = record[text_field]
+  if isinstance(value, bytes):
+    try:
+      value = value.decode('utf-8')
+    except UnicodeDecodeError:
+      return None, 'not_utf8'
+  if not isinstance(value, str):
+    return None, 'text_not_a_string'
+  if not value.strip():
+    return None, 'empty_text'
+  return value, ''
+
+
+def _record_id(record: dict, id_field: str, fallback: object) -> str:
+  if id_field and record.get(id_field) is not None:
+    value = record[id_field]
+    return value.decode('utf-8', 'replace') if isinstance(value, bytes) else str(value)
+  return str(fallback)
+
+
+def jsonl_documents(path: str, skipped: collections.Counter, text_field: str,
+                    id_field: str = '') -> Iterator[Document]:
+  """One document per line; bad lines are skipped and counted, never fatal."""
+  with open(path, 'rb') as f:
+    data = f.read()
+  if not data.strip():
+    _skip(skipped, 'empty_file', path)
+    return
+  for lineno, raw in enumerate(data.split(b'\n'), start=1):
+    where = f'{path}:{lineno}'
+    if not raw.strip():
+      continue  # Blank lines separate nothing in JSON Lines; not a record.
+    try:
+      line = raw.decode('utf-8')
+    except UnicodeDecodeError:
+      _skip(skipped, 'not_utf8', where)
+      continue
+    try:
+      record = json.loads(line)
+    except json.JSONDecodeError:
+      _skip(skipped, 'bad_json', where)
+      continue
+    text, reason = _record_text(record, text_field)
+    if text is None:
+      _skip(skipped, reason, f'{where} (field {text_field!r})')
+      continue
+    yield Document(f'file:{path}#{_record_id(record, id_field, lineno)}', text, 'file')
+
+
+def parquet_documents(path: str, skipped: collections.Counter, text_field: str,
+                      id_field: str = '') -> Iterator[Document]:
+  import pyarrow.parquet as pq  # Only needed for parquet input.
+  parquet = pq.ParquetFile(path)
+  names = parquet.schema_arrow.names
+  if text_field not in names:
+    raise KeyError(f'{path}: no column {text_field!r} (columns: {names}); '
+                   'set --config.source.text_field.')
+  columns = [text_field] + ([id_field] if id_field and id_field in names else [])
+  row = 0
+  for batch in parquet.iter_batches(columns=columns):
+    for record in batch.to_pylist():
+      text, reason = _record_text(record, text_field)
+      if text is None:
+        _skip(skipped, reason, f'{path} row {row}')
+      else:
+        yield Document(f'file:{path}#{_record_id(record, id_field, row)}', text, 'file')
+      row += 1
+
+
+def file_documents(paths: str | Sequence[str], skipped: collections.Counter,
+                   text_field: str = 'text', id_field: str = '') -> Iterator[Document]:
+  for path in expand_paths(paths):
+    if path.endswith('.txt'):
+      yield from txt_documents(path, skipped)
+    elif path.endswith('.jsonl'):
+      yield from jsonl_documents(path, skipped, text_field, id_field)
+    elif path.endswith('.parquet'):
+      yield from parquet_documents(path, skipped, text_field, id_field)
+    else:
+      _skip(skipped, 'unsupported_file_type', f'{path} (expected {SUFFIXES})')
+
+
+# ----------------------------------------------------------------------------
+# TFDS.
+
+
+def tfds_documents(name: str, split: str, skipped: collections.Counter,
+                   data_dir: str | None = None, text_feature: str = 'text',
+                   id_feature: str = '') -> Iterator[Document]:
+  """Records of a prepared TFDS dataset (array_record or parquet format)."""
+  import tensorflow_datasets as tfds  # Only needed for this source.
+  data_dir = data_dir or None
+  where = f'TFDS dataset {name!r} (data_dir={data_dir or "default ~/tensorflow_datasets"})'
+  try:
+    builder = tfds.builder(name, data_dir=data_dir)
+  except Exception as e:  # Unknown names list every dataset; keep one line.
+    raise ValueError(f'{where}: cannot load the builder: {str(e).splitlines()[0]}') from None
+  if not builder.is_prepared():
+    raise FileNotFoundError(
+        f'{where} is not prepared; prepare it first (e.g. `tfds build {name} '
+        f'--data_dir=... --file_format=array_record`) or set source.tfds_data_dir.')
+  try:
+    source = tfds.data_source(name, split=split, data_dir=data_dir, download=False)
+  except Exception as e:
+    raise ValueError(f'{where} split {split!r}: {str(e).splitlines()[0]}') from None
+  for index in range(len(source)):
+    record = source[index]
+    text, reason = _record_text(record, text_feature)
+    if text is None:
+      _skip(skipped, reason, f'{where} split {split!r} record {index} (feature {text_feature!r})')
+      continue
+    doc_id = _record_id(record, id_feature, index)
+    yield Document(f'tfds:{name}/{split}#{doc_id}', text, 'tfds')
+
+
+def iter_documents(config: ml_collections.ConfigDict,
+                   skipped: collections.Counter) -> Iterator[Document]:
+  """Documents of the source that `config` (the `source` block) names."""
+  if config.kind == 'stdlib':
+    return stdlib_documents(skipped, config.get('stdlib_dir') or None)
+  if config.kind == 'files':
+    return file_documents(config.paths, skipped, config.text_field, config.id_field)
+  if config.kind == 'tfds':
+    if not config.tfds_name:
+      raise ValueError('source.tfds_name is empty; e.g. --config.source.tfds_name=c4')
+    return tfds_documents(config.tfds_name, config.tfds_split, skipped,
+                          config.tfds_data_dir, config.text_field, config.id_field)
+  raise ValueError(f"Unknown source.kind {config.kind!r}; expected 'stdlib', 'files' or 'tfds'.")
