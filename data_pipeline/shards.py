@@ -1,0 +1,198 @@
+"""Pre-tokenized shards: the TFDS dataset `strata_corpus` in array_record format.
+
+Written without TensorFlow: each document is serialised with the TFDS
+features' own (numpy) serializer, appended to ArrayRecord files named the way
+TFDS expects, and `tfds.folder_dataset.write_metadata` adds dataset_info.json,
+so `tfds.data_source('strata_corpus', data_dir=<workdir>/tfds)` reads it.
+
+Token ids are stored as the raw bytes of an int32 array (a `Tensor` feature
+with `encoding='bytes'`): decoding is one `np.frombuffer`, where an int64_list
+proto costs ~0.3 s per million tokens to read and ~3 s to write.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+import os
+import shutil
+
+from array_record.python import array_record_module
+import numpy as np
+import tensorflow_datasets as tfds
+
+DATASET_NAME = 'strata_corpus'
+VERSION = '1.0.0'
+FILE_FORMAT = 'array_record'
+# A new shard starts after this many serialised bytes, so no file gets huge.
+MAX_SHARD_BYTES = 512 * 2**20
+# One record per chunk for random access; zstd level 1 writes ~6x faster than
+# the default (brotli) and token ids still shrink by almost half.
+_WRITER_OPTIONS = 'group_size:1,zstd:1'
+
+
+def features() -> tfds.features.FeaturesDict:
+  return tfds.features.FeaturesDict({
+      'tokens': tfds.features.Tensor(shape=(None,), dtype=np.int32, encoding='bytes'),
+      'num_bytes': np.int32,
+      'id': tfds.features.Text(),
+  })
+
+
+def tfds_data_dir(data_workdir: str) -> str:
+  """The TFDS `data_dir` inside a data workdir."""
+  return os.path.join(data_workdir, 'tfds')
+
+
+def dataset_dir(data_workdir: str) -> str:
+  return os.path.join(tfds_data_dir(data_workdir), DATASET_NAME, VERSION)
+
+
+def _shard_path(directory: str, split: str, index: int, count: int) -> str:
+  return os.path.join(
+      directory, f'{DATASET_NAME}-{split}.{FILE_FORMAT}-{index:05d}-of-{count:05d}')
+
+
+def _check_record(split: str, index: int, record) -> tuple[str, np.ndarray, int]:
+  try:
+    doc_id, tokens, num_bytes = record
+  except (TypeError, ValueError):
+    raise ValueError(
+        f'split {split!r} record {index}: expected (id, tokens, num_bytes), '
+        f'got {type(record).__name__}') from None
+  if not isinstance(doc_id, str):
+    raise ValueError(f'split {split!r} record {index}: id must be str, got {doc_id!r}')
+  # An explicit dtype makes list conversion ~2x faster than inferring one.
+  try:
+    tokens = tokens if isinstance(tokens, np.ndarray) else np.array(tokens, dtype=np.int64)
+  except (TypeError, ValueError, OverflowError) as e:
+    raise ValueError(
+        f'split {split!r} record {index} (id {doc_id!r}): tokens are not ints: {e}') from None
+  if tokens.ndim != 1 or (tokens.size and tokens.dtype.kind not in 'iu'):
+    raise ValueError(
+        f'split {split!r} record {index} (id {doc_id!r}): tokens must be a flat '
+        f'list of ints, got shape {tokens.shape} dtype {tokens.dtype}')
+  if tokens.size and (tokens.min() < 0 or tokens.max() > np.iinfo(np.int32).max):
+    raise ValueError(
+        f'split {split!r} record {index} (id {doc_id!r}): token ids out of int32 range')
+  if not 0 <= int(num_bytes) <= np.iinfo(np.int32).max:
+    raise ValueError(
+        f'split {split!r} record {index} (id {doc_id!r}): bad num_bytes {num_bytes!r}')
+  return doc_id, tokens.astype(np.int32), int(num_bytes)
+
+
+def _write_split(directory: str, split: str, records: Iterable,
+                 max_shard_bytes: int) -> tuple[tfds.core.SplitInfo, dict]:
+  feats = features()
+  stats = {'documents': 0, 'tokens': 0, 'bytes': 0}
+  shard_lengths, shard_sizes = [], []
+  writer, written = None, 0
+  for index, record in enumerate(records):
+    doc_id, tokens, num_bytes = _check_record(split, index, record)
+    example = feats.serialize_example(
+        {'tokens': tokens, 'num_bytes': num_bytes, 'id': doc_id})
+    if writer is None or written >= max_shard_bytes:
+      if writer is not None:
+        writer.close()
+      # Shard count is unknown until the end: temporary names, renamed below.
+      writer = array_record_module.ArrayRecordWriter(
+          _shard_path(directory, split, len(shard_lengths), 0), _WRITER_OPTIONS)
+      shard_lengths.append(0)
+      shard_sizes.append(0)
+      written = 0
+    writer.write(example)
+    written += len(example)
+    shard_lengths[-1] += 1
+    shard_sizes[-1] += len(example)
+    stats['documents'] += 1
+    stats['tokens'] += int(tokens.size)
+    stats['bytes'] += num_bytes
+  if writer is None:
+    # An empty split still gets its (empty) file, so it can be opened.
+    writer = array_record_module.ArrayRecordWriter(
+        _shard_path(directory, split, 0, 0), _WRITER_OPTIONS)
+    shard_lengths, shard_sizes = [0], [0]
+  writer.close()
+  for i in range(len(shard_lengths)):
+    os.rename(_shard_path(directory, split, i, 0),
+              _shard_path(directory, split, i, len(shard_lengths)))
+  info = tfds.core.SplitInfo(
+      name=split, shard_lengths=shard_lengths, num_bytes=sum(shard_sizes),
+      filename_template=None)
+  return info, stats
+
+
+def write_dataset(
+    data_workdir: str,
+    splits: dict[str, Iterable[tuple[str, list[int], int]]],
+    *,
+    max_shard_bytes: int = MAX_SHARD_BYTES,
+) -> dict[str, dict]:
+  """Writes (doc id, token ids, num_bytes) records per split as `strata_corpus`.
+
+  Any earlier version of the dataset in the workdir is replaced. Records keep
+  their order (the loader shuffles). Returns per split
+  {'documents': n, 'tokens': t, 'bytes': b}.
+  """
+  if not splits:
+    raise ValueError('write_dataset: no splits given')
+  directory = dataset_dir(data_workdir)
+  # Written next to the final place, then moved, so a crash never leaves a
+  # half-written dataset that looks complete.
+  tmp_directory = directory + '.incomplete'
+  shutil.rmtree(tmp_directory, ignore_errors=True)
+  os.makedirs(tmp_directory)
+  split_infos, stats = [], {}
+  for split, records in splits.items():
+    info, stats[split] = _write_split(tmp_directory, split, records, max_shard_bytes)
+    split_infos.append(info)
+  shutil.rmtree(directory, ignore_errors=True)
+  os.rename(tmp_directory, directory)
+  tfds.folder_dataset.write_metadata(
+      data_dir=directory,
+      features=features(),
+      split_infos=split_infos,
+      check_data=False,
+      description='strata pre-tokenized corpus: token ids per document (no bos/eos).',
+      metadata=tfds.core.MetadataDict(split_stats=stats),
+  )
+  return stats
+
+
+def _builder(data_workdir: str) -> tfds.core.DatasetBuilder:
+  directory = dataset_dir(data_workdir)
+  if not os.path.exists(os.path.join(directory, 'dataset_info.json')):
+    raise FileNotFoundError(
+        f'no {DATASET_NAME} dataset in {directory}; prepare it with '
+        f'`python -m data_pipeline --config=configs/data.py:stdlib --workdir={data_workdir}`')
+  return tfds.builder_from_directory(directory)
+
+
+def _check_split(builder: tfds.core.DatasetBuilder, split: str) -> None:
+  if split not in builder.info.splits:
+    raise ValueError(
+        f'split {split!r} not in {builder.data_dir} '
+        f'(has {", ".join(sorted(builder.info.splits))})')
+
+
+def data_source(data_workdir: str, split: str):
+  """Random-access source of one split: `len()`, `[i] -> {'tokens', 'num_bytes', 'id'}`."""
+  builder = _builder(data_workdir)
+  _check_split(builder, split)
+  if builder.info.splits[split].num_examples == 0:
+    return []  # TFDS cannot open a split without examples.
+  return builder.as_data_source(split=split)
+
+
+def split_stats(data_workdir: str, split: str) -> dict[str, int]:
+  """{'documents', 'tokens', 'bytes'} of one split, from the dataset metadata."""
+  builder = _builder(data_workdir)
+  _check_split(builder, split)
+  stats = (builder.info.metadata or {}).get('split_stats', {}).get(split)
+  if stats is None:  # Written by something else: count it.
+    source = data_source(data_workdir, split)
+    stats = {'documents': len(source), 'tokens': 0, 'bytes': 0}
+    for i in range(len(source)):
+      record = source[i]
+      stats['tokens'] += len(record['tokens'])
+      stats['bytes'] += int(record['num_bytes'])
+  return {k: int(v) for k, v in stats.items()}
