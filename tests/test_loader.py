@@ -1,0 +1,212 @@
+"""Loader: packing invariants, exact epochs, shuffling, sharding, resumable state."""
+
+from __future__ import annotations
+
+import collections
+import json
+
+import jax
+import numpy as np
+import pytest
+
+from data_pipeline import loader
+from data_pipeline import shards
+from data_pipeline.tokenizer import BOS_ID, EOS_ID
+
+SEQ_LEN = 16
+
+
+def _documents(n: int, seed: int) -> list[list[int]]:
+  # Lengths around every packing edge: empty, exactly filling a row with
+  # bos/eos, one over, and several rows long. Token ids >= 4 so bos/eos only
+  # come from the loader.
+  rng = np.random.default_rng(seed)
+  edges = [0, 1, SEQ_LEN - 3, SEQ_LEN - 2, SEQ_LEN - 1, SEQ_LEN, 3 * SEQ_LEN + 5]
+  lengths = edges + rng.integers(0, 2 * SEQ_LEN, size=n - len(edges)).tolist()
+  return [rng.integers(4, 500, size=length).tolist() for length in lengths]
+
+
+@pytest.fixture(scope='module')
+def data(tmp_path_factory) -> tuple[str, list[list[int]]]:
+  workdir = str(tmp_path_factory.mktemp('data'))
+  docs = _documents(41, 0)
+  shards.write_dataset(workdir, {
+      'train': [(f'd{i}', d, 10 * len(d) + 1) for i, d in enumerate(docs)],
+      'validation': [(f'v{i}', d, 1) for i, d in enumerate(_documents(9, 1))]})
+  return workdir, docs
+
+
+def _check_row(tokens, segment_ids, positions) -> list[np.ndarray]:
+  """Asserts the packing invariants of one row; returns its pieces in order."""
+  num_real = int(np.count_nonzero(segment_ids))
+  # Padding only at the end, and all zero.
+  assert (segment_ids[:num_real] > 0).all()
+  assert not tokens[num_real:].any() and not positions[num_real:].any()
+  pieces = []
+  ids = segment_ids[:num_real]
+  # Segments are 1, 2, 3, ... in contiguous blocks.
+  starts = np.flatnonzero(np.diff(ids, prepend=0))
+  assert ids[starts].tolist() == list(range(1, len(starts) + 1))
+  for k, start in enumerate(starts):
+    end = starts[k + 1] if k + 1 < len(starts) else num_real
+    piece = tokens[start:end]
+    # Positions restart at 0 for each piece.
+    assert positions[start:end].tolist() == list(range(end - start))
+    # One document per segment: bos only first, eos only last.
+    assert BOS_ID not in piece[1:] and EOS_ID not in piece[:-1]
+    # Only the first piece of a row may continue a document.
+    assert k == 0 or piece[0] == BOS_ID
+    pieces.append(piece)
+  return pieces
+
+
+def _documents_from(batches) -> list[list[int]]:
+  """Reassembles the documents (without bos/eos) from a stream of batches."""
+  docs, current = [], None
+  for batch in batches:
+    assert set(batch) == {'tokens', 'segment_ids', 'positions'}
+    for v in batch.values():
+      assert v.dtype == np.int32 and v.shape[1] == SEQ_LEN
+    for row in zip(batch['tokens'], batch['segment_ids'], batch['positions']):
+      for piece in _check_row(*row):
+        if piece[0] == BOS_ID:
+          assert current is None, 'a document started before the last one ended'
+          current = []
+        assert current is not None, 'a piece continues no document'
+        current.extend(piece.tolist())
+        if piece[-1] == EOS_ID:
+          docs.append(current[1:-1])
+          current = None
+  assert current is None, 'the stream ended inside a document'
+  return docs
+
+
+def _counter(docs) -> collections.Counter:
+  return collections.Counter(tuple(d) for d in docs)
+
+
+def _make(workdir, **kwargs) -> loader.Loader:
+  args = dict(seq_len=SEQ_LEN, batch_size=4, seed=0, process_index=0, process_count=1)
+  args.update(kwargs)
+  return loader.make_loader(workdir, args.pop('split', 'train'), **args)
+
+
+def test_one_epoch_packs_every_document_exactly_once(data):
+  workdir, docs = data
+  batches = list(_make(workdir, num_epochs=1, drop_remainder=False))
+  assert _counter(_documents_from(batches)) == _counter(docs)
+  # Packing is tight: only documents that fit a row whole cause padding.
+  num_tokens = sum(len(d) + 2 for d in docs)
+  num_rows = sum(int(b['segment_ids'].any(axis=1).sum()) for b in batches)
+  assert num_rows < 1.5 * num_tokens / SEQ_LEN
+
+
+def test_eval_mode_covers_every_token_once_in_order(data):
+  workdir, docs = data
+  batches = list(_make(workdir, batch_size=3, num_epochs=1, shuffle=False,
+                       drop_remainder=False))
+  assert all(b['tokens'].shape == (3, SEQ_LEN) for b in batches)
+  assert _documents_from(batches) == docs
+  num_tokens = sum(int(np.count_nonzero(b['segment_ids'])) for b in batches)
+  assert num_tokens == sum(len(d) + 2 for d in docs)
+  # The last batch was padded with all-zero rows.
+  assert not batches[-1]['segment_ids'][-1].any()
+
+
+def test_drop_remainder_gives_full_batches(data):
+  workdir, _ = data
+  batches = list(_make(workdir, batch_size=5, num_epochs=1, drop_remainder=True))
+  assert batches and all(b['tokens'].shape == (5, SEQ_LEN) for b in batches)
+
+
+def _epoch_orders(workdir, seed, num_docs):
+  stream = _documents_from(_make(workdir, seed=seed, num_epochs=2, drop_remainder=False))
+  assert len(stream) == 2 * num_docs
+  return stream[:num_docs], stream[num_docs:]
+
+
+def test_shuffle_changes_per_epoch_and_is_reproducible(data):
+  workdir, docs = data
+  first, second = _epoch_orders(workdir, 0, len(docs))
+  assert _counter(first) == _counter(second) == _counter(docs)
+  assert first != docs and second != first
+  assert _epoch_orders(workdir, 0, len(docs)) == (first, second)
+  assert _epoch_orders(workdir, 1, len(docs))[0] != first
+
+
+def _same(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> bool:
+  return a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+
+
+def test_restored_state_continues_exactly(data):
+  workdir, docs = data
+  reference = _make(workdir, batch_size=2)
+  expected = [next(reference) for _ in range(60)]
+  # An epoch is about 25 batches here, so k = 40 resumes inside epoch two.
+  rows_per_epoch = sum(len(d) + 2 for d in docs) / SEQ_LEN / 2
+  assert rows_per_epoch < 40
+  offsets = []
+  for k in [0, 1, 7, 13, 24, 25, 26, 40]:
+    run = _make(workdir, batch_size=2)
+    for _ in range(k):
+      next(run)
+    state = json.loads(json.dumps(run.get_state()))
+    offsets.append(state['iterator']['offset'])
+    resumed = _make(workdir, batch_size=2)
+    resumed.set_state(state)
+    for i in range(k, k + 12):
+      assert _same(next(resumed), expected[i]), (k, i)
+  # Some states were saved in the middle of a long document.
+  assert any(offsets)
+
+
+def test_restore_in_eval_mode_near_the_end(data):
+  workdir, _ = data
+  expected = list(_make(workdir, num_epochs=1, shuffle=False, drop_remainder=False))
+  run = _make(workdir, num_epochs=1, shuffle=False, drop_remainder=False)
+  for _ in range(len(expected) - 1):
+    next(run)
+  resumed = _make(workdir, num_epochs=1, shuffle=False, drop_remainder=False)
+  resumed.set_state(run.get_state())
+  assert _same(next(resumed), expected[-1])
+  with pytest.raises(StopIteration):
+    next(resumed)
+
+
+def test_state_from_other_settings_is_refused(data):
+  workdir, _ = data
+  state = _make(workdir).get_state()
+  with pytest.raises(ValueError, match='seed=0, 1'):
+    _make(workdir, seed=1).set_state(state)
+
+
+def test_processes_see_disjoint_documents_covering_the_split(data):
+  workdir, docs = data
+  seen = [_documents_from(_make(workdir, num_epochs=1, drop_remainder=False,
+                                process_index=i, process_count=2)) for i in range(2)]
+  assert seen[0] and seen[1]
+  assert not _counter(seen[0]) & _counter(seen[1])
+  assert _counter(seen[0]) + _counter(seen[1]) == _counter(docs)
+
+
+def test_num_bytes_and_global_batch(data):
+  workdir, docs = data
+  assert loader.num_bytes(workdir, 'train') == sum(10 * len(d) + 1 for d in docs)
+  assert loader.num_bytes(workdir, 'validation') == 9
+  batch = next(_make(workdir, split='validation'))
+  sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  arrays = loader.global_batch(batch, sharding)
+  assert set(arrays) == set(batch)
+  for k, v in arrays.items():
+    assert isinstance(v, jax.Array) and v.sharding == sharding
+    np.testing.assert_array_equal(np.asarray(v), batch[k])
+
+
+def test_bad_arguments(data, tmp_path):
+  workdir, _ = data
+  with pytest.raises(FileNotFoundError, match='no strata_corpus dataset'):
+    _make(str(tmp_path))
+  with pytest.raises(ValueError, match="split 'dev' not in"):
+    _make(workdir, split='dev')
+  with pytest.raises(ValueError, match='none for process 12 of 50'):
+    _make(workdir, split='validation', process_index=12, process_count=50)
