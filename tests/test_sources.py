@@ -1,0 +1,119 @@
+"""Sources: local files, the embedded corpus, TFDS errors; bad input skipped and counted."""
+
+from __future__ import annotations
+
+import collections
+import json
+import logging
+import os
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from data_pipeline import sources
+
+
+def _write(path, data: bytes) -> str:
+  with open(path, 'wb') as f:
+    f.write(data)
+  return str(path)
+
+
+def test_txt_one_document_per_file(tmp_path):
+  a = _write(tmp_path / 'a.txt', 'héllo\nworld\n'.encode())
+  skipped = collections.Counter()
+  docs = list(sources.file_documents(a, skipped))
+  assert docs == [sources.Document(f'file:{a}', 'héllo\nworld\n', 'file')]
+  assert not skipped
+
+
+def test_bad_files_skipped_counted_and_named_in_the_log(tmp_path, caplog):
+  good = _write(tmp_path / 'good.txt', b'fine text')
+  _write(tmp_path / 'latin1.txt', 'caf\xe9'.encode('latin-1'))
+  _write(tmp_path / 'empty.txt', b'')
+  _write(tmp_path / 'blank.txt', b'  \n\n')
+  _write(tmp_path / 'binary.txt', b'abc\x00\x01\x02')
+  _write(tmp_path / 'notes.md', b'not a supported type')
+  skipped = collections.Counter()
+  with caplog.at_level(logging.WARNING):
+    docs = list(sources.file_documents([str(tmp_path / '*')], skipped))
+  assert [d.id for d in docs] == [f'file:{good}']
+  assert skipped == {'not_utf8': 1, 'empty_file': 2, 'binary_file': 1, 'unsupported_file_type': 1}
+  assert 'latin1.txt' in caplog.text and 'not_utf8' in caplog.text
+  assert 'binary.txt' in caplog.text
+
+
+def test_jsonl_malformed_lines_skipped_and_counted(tmp_path, caplog):
+  lines = [
+      json.dumps({'text': 'first document', 'id': 'x1'}).encode(),
+      b'{"text": "unterminated',
+      json.dumps({'body': 'no text field'}).encode(),
+      json.dumps({'text': 42}).encode(),
+      json.dumps(['not', 'an', 'object']).encode(),
+      json.dumps({'text': '   '}).encode(),
+      b'{"text": "caf\xe9"}',
+      b'',
+      json.dumps({'text': 'second document'}).encode(),
+  ]
+  path = _write(tmp_path / 'web.jsonl', b'\n'.join(lines) + b'\n')
+  skipped = collections.Counter()
+  with caplog.at_level(logging.WARNING):
+    docs = list(sources.jsonl_documents(path, skipped, 'text', id_field='id'))
+  assert [(d.id, d.text) for d in docs] == [
+      (f'file:{path}#x1', 'first document'), (f'file:{path}#9', 'second document')]
+  assert skipped == {'bad_json': 1, 'missing_text_field': 2, 'text_not_a_string': 1,
+                     'empty_text': 1, 'not_utf8': 1}
+  assert f'{path}:2' in caplog.text  # The bad line is named.
+
+
+def test_jsonl_configurable_text_field(tmp_path):
+  path = _write(tmp_path / 'd.jsonl', json.dumps({'content': 'body text'}).encode())
+  skipped = collections.Counter()
+  docs = list(sources.jsonl_documents(path, skipped, 'content'))
+  assert [d.text for d in docs] == ['body text'] and docs[0].id == f'file:{path}#1'
+
+
+def test_parquet_text_column(tmp_path):
+  path = str(tmp_path / 'd.parquet')
+  pq.write_table(pa.table({'text': ['one doc', None, 'two doc'], 'key': ['k1', 'k2', 'k3']}), path)
+  skipped = collections.Counter()
+  docs = list(sources.file_documents(path, skipped, text_field='text', id_field='key'))
+  assert [(d.id, d.text) for d in docs] == [(f'file:{path}#k1', 'one doc'),
+                                            (f'file:{path}#k3', 'two doc')]
+  assert skipped == {'text_not_a_string': 1}
+  with pytest.raises(KeyError, match='no column'):
+    list(sources.file_documents(path, skipped, text_field='body'))
+
+
+def test_paths_that_match_nothing_are_an_error(tmp_path):
+  with pytest.raises(FileNotFoundError, match='nothing_here'):
+    list(sources.file_documents(str(tmp_path / 'nothing_here*.txt'), collections.Counter()))
+  with pytest.raises(ValueError, match='empty'):
+    list(sources.file_documents('', collections.Counter()))
+
+
+def test_stdlib_corpus_code_and_pydoc_topics():
+  skipped = collections.Counter()
+  docs = list(sources.stdlib_documents(skipped))
+  by_id = {d.id: d for d in docs}
+  assert len(by_id) == len(docs)  # Ids are unique.
+  assert 'stdlib:json/decoder.py' in by_id and by_id['stdlib:json/decoder.py'].source == 'stdlib'
+  topics = [d for d in docs if d.source == 'pydoc']
+  assert len(topics) > 50 and 'pydoc:topics/assert' in by_id
+  assert 'assert' in by_id['pydoc:topics/assert'].text
+  assert 'stdlib:pydoc_data/topics.py' not in by_id  # Entered as topics instead.
+  assert not any('site-packages' in d.id for d in docs)
+  assert sum(len(d.text) for d in docs) > 10_000_000
+  # Whatever was not read is accounted for (CPython ships empty __init__.py files).
+  assert set(skipped) <= {'empty_file', 'not_utf8', 'binary_file', 'empty_text'}
+  assert skipped['empty_file'] > 0
+
+
+def test_tfds_unknown_or_unprepared_dataset_is_a_clear_error(tmp_path):
+  with pytest.raises(ValueError, match="'no_such_dataset_xyz'") as e:
+    list(sources.tfds_documents('no_such_dataset_xyz', 'train', collections.Counter(),
+                                data_dir=str(tmp_path)))
+  assert '\n' not in str(e.value)
+  with pytest.raises(FileNotFoundError, match=f"'mnist'.*{tmp_path}.*not prepared"):
+    list(sources.tfds_documents('mnist', 'train', collections.Counter(), data_dir=str(tmp_path)))
