@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import collections
 import json
+import os
+import subprocess
+import sys
+import textwrap
 
 import jax
 import numpy as np
@@ -200,6 +204,30 @@ def test_num_bytes_and_global_batch(data):
   for k, v in arrays.items():
     assert isinstance(v, jax.Array) and v.sharding == sharding
     np.testing.assert_array_equal(np.asarray(v), batch[k])
+
+
+def test_global_batch_on_a_mesh_of_8_devices(data):
+  workdir, _ = data
+  code = textwrap.dedent(f"""
+      import jax, numpy as np
+      from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+      from data_pipeline import loader
+      mesh = Mesh(np.array(jax.devices()).reshape(4, 2), ('data', 'fsdp'))
+      sharding = NamedSharding(mesh, P(('data', 'fsdp'), None))
+      batch = next(loader.make_loader({workdir!r}, 'train', seq_len={SEQ_LEN}, batch_size=8))
+      arrays = loader.global_batch(batch, sharding)
+      for k, v in arrays.items():
+        assert v.shape == (8, {SEQ_LEN}) and v.sharding == sharding, k
+        assert len(v.addressable_shards) == 8
+        np.testing.assert_array_equal(np.asarray(v), batch[k])
+      print('ok')
+  """)
+  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=8',
+             JAX_PLATFORMS='cpu')
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  result = subprocess.run([sys.executable, '-c', code], env=env, capture_output=True,
+                          text=True, timeout=120, check=False, cwd=repo)
+  assert result.returncode == 0 and 'ok' in result.stdout, result.stderr[-2000:]
 
 
 def test_bad_arguments(data, tmp_path):

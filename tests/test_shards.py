@@ -26,7 +26,8 @@ def _read(source) -> list[tuple[str, list[int], int]]:
   for i in range(len(source)):
     record = source[i]
     assert record['tokens'].dtype == np.int32
-    out.append((record['id'].decode('utf-8'), record['tokens'].tolist(), int(record['num_bytes'])))
+    out.append((record['id'].decode('utf-8'), record['tokens'].tolist(),
+                int(record['num_bytes'])))
   return out
 
 
