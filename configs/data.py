@@ -8,14 +8,16 @@ Presets (`--config=configs/data.py:<preset>[,key=value,...]`):
 
             python -m data_pipeline --config=configs/data.py:stdlib --workdir=runs/data
 
-          Hardware: 2 CPU cores, no accelerator. Wall time: about 1.5-3
-          minutes (more if the cores are shared). Expect (CPython 3.11.7)
-          ~1,830 documents / 31 MB read, 32 files skipped (28 empty, 4 not
-          UTF-8), ~20 dropped by the quality filters, ~20 exact and ~20 near
-          duplicates removed (re-indented copies; the encodings/cp*.py tables),
-          ~2,300 PII placeholders (e-mails and IP addresses in tests and docs),
-          then ~1,770 documents and ~10M tokens, about 98/1/1 % across
-          train/validation/test. `runs/data/data_report.json` has every count.
+          Hardware: 2 CPU cores, no accelerator. Wall time: about 65 s with
+          the cores shared with other work (about 22 s of CPU time), half a
+          GB of memory. Expect (CPython 3.11.7): 1,836 documents / 31.2 MB
+          read, 32 files skipped (28 empty, 4 not UTF-8), 23 dropped by the
+          quality filters (21 too short, 1 long line, 1 repeated lines), ~2,300
+          PII placeholders (mostly e-mails and IP addresses in tests), 19 exact
+          and 21 near duplicates removed (copied test fixtures; the
+          encodings/cp*.py tables), leaving 1,773 documents: train 1,739
+          (9.4M tokens), validation 20 (81k), test 14 (50k).
+          `runs/data/data_report.json` has every count.
 
   files   Local .txt (one document per file), .jsonl (one per line, field
           `source.text_field`, optional `source.id_field`) and .parquet

@@ -9,10 +9,10 @@ PII becomes a typed placeholder, so a model still learns that an address was
 there: <PRIVATE_KEY> (PEM private-key blocks), <AWS_KEY> (AKIA/ASIA access key
 ids and the value of aws_secret_access_key assignments), <API_KEY> (GitHub,
 OpenAI, Slack and Google key formats), <BEARER_TOKEN> (the token after
-`Bearer`, which is kept), <EMAIL>, <CREDIT_CARD> (13-19 digits, optionally
-written whole or in groups of 4+ digits split by spaces or dashes, with an
-issuer prefix 2-6 and a valid Luhn checksum), <IP_ADDRESS> (IPv4 and IPv6, validated) and <PHONE> (+country
-numbers, (area) numbers, 555-123-4567 style).
+`Bearer`, which is kept), <EMAIL>, <CREDIT_CARD> (13-19 digits written whole
+or in groups of 4+ split by spaces or dashes, issuer prefix 2-6, valid Luhn
+checksum), <IP_ADDRESS> (IPv4 and IPv6, validated by value) and <PHONE>
+(+country numbers with separators, (area) numbers, 555-123-4567 style).
 
 Look-alikes that are kept, and why:
   * Version strings. `3.11.7.1` is a syntactically valid IPv4 address, so no

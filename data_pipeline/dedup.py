@@ -37,16 +37,21 @@ def normalized_hash(text: str) -> bytes:
   return hashlib.blake2b(' '.join(text.split()).encode('utf-8'), digest_size=16).digest()
 
 
-def exact_dedup(docs: Iterable[Document]) -> tuple[list[Document], int]:
-  """Keeps the first (by id) of each group of identical texts; returns (kept, dropped)."""
-  docs = sorted(docs, key=lambda d: d.id)
-  seen, kept = set(), []
-  for doc in docs:
+def exact_dedup(docs: Iterable[Document]) -> tuple[list[Document], list[tuple[str, str]]]:
+  """Keeps the first (by id) of each group of identical texts.
+
+  Returns (kept, [(dropped id, kept id)]).
+  """
+  first: dict[bytes, str] = {}
+  kept, removed = [], []
+  for doc in sorted(docs, key=lambda d: d.id):
     key = normalized_hash(doc.text)
-    if key not in seen:
-      seen.add(key)
+    if key in first:
+      removed.append((doc.id, first[key]))
+    else:
+      first[key] = doc.id
       kept.append(doc)
-  return kept, len(docs) - len(kept)
+  return kept, removed
 
 
 def shingle_hashes(text: str, ngram: int, vocab: dict[str, int],

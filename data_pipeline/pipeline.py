@@ -107,9 +107,10 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   stage = report.stage('exact_dedup')
   t = time.time()
   stage.documents_in, stage.bytes_in = len(docs), report.stages[-2].bytes_out
-  docs, num_exact = dedup.exact_dedup(_progress(docs, 'exact_dedup'))
-  stage.dropped['exact_duplicate'] = num_exact
+  docs, removed = dedup.exact_dedup(_progress(docs, 'exact_dedup'))
+  stage.dropped['exact_duplicate'] = len(removed)
   stage.documents_out, stage.bytes_out = len(docs), report_lib.num_bytes(docs)
+  stage.details['examples'] = [{'dropped': a, 'kept': b} for a, b in removed[:10]]
   stage.seconds = time.time() - t
 
   stage = report.stage('near_dedup')

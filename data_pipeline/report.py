@@ -34,6 +34,7 @@ class Stage:
 
   def to_dict(self) -> dict[str, Any]:
     out = dataclasses.asdict(self)
+    del out['name']  # The key it is stored under.
     out['dropped'] = dict(sorted(self.dropped.items()))
     out['seconds'] = round(self.seconds, 2)
     return out

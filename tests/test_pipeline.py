@@ -76,6 +76,8 @@ def test_report_counts_every_stage(built):
   assert stages['clean']['dropped'] == {'too_short': 1}
   assert stages['clean']['details']['pii_replacements'] == {'EMAIL': 1, 'IP_ADDRESS': 1}
   assert stages['exact_dedup']['dropped'] == {'exact_duplicate': 1}
+  assert stages['exact_dedup']['details']['examples'] == [
+      {'dropped': 'file:corpus/doc00_copy.txt', 'kept': 'file:corpus/doc00.txt'}]
   assert stages['near_dedup']['dropped'] == {'near_duplicate': 1}
   assert stages['near_dedup']['details']['examples'][0]['dropped'] == 'file:corpus/doc01_edited.txt'
   for stage in stages.values():
