@@ -1,0 +1,87 @@
+"""train.evaluate: bits per byte over a whole split equals a hand computation."""
+
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs import pretrain
+from data_pipeline import shards
+from data_pipeline.tokenizer import BOS_ID, EOS_ID
+from model.config import ModelConfig
+from model.transformer import Transformer
+from train import evaluate
+from train import mesh as mesh_lib
+
+SEQ_LEN = 16
+# (tokens, UTF-8 bytes) per document; lengths chosen so rows pack several
+# documents and the last batch is partly padding. All fit in SEQ_LEN with BOS/EOS.
+DOCS = [([5, 6, 7, 8, 9], 17), ([10, 11], 6), ([12, 13, 14, 15, 16, 17, 18, 19, 20, 21], 40),
+        ([22], 3), ([23, 24, 25, 26, 27, 28, 29], 25), ([30, 31, 32], 9),
+        ([33, 34, 35, 36, 37, 38, 39, 40, 41, 42, 43, 44, 45, 46], 50)]
+LONG_DOC = (list(range(5, 45)), 120)  # 42 tokens with BOS/EOS: cut into 3 pieces of <= 16
+
+
+def _config():
+  config = pretrain.get_config(
+      f'tiny,seq_len={SEQ_LEN},batch_size=2,model.vocab_size=64,model.d_model=32,'
+      'model.num_layers=2,model.num_heads=4,model.num_kv_heads=2,model.head_dim=8,'
+      f'model.mlp_dim=64,model.max_len={SEQ_LEN}')
+  return config
+
+
+@pytest.fixture(scope='module')
+def setup(tmp_path_factory):
+  data_dir = str(tmp_path_factory.mktemp('data'))
+  records = lambda docs: [(f'doc{i}', toks, nbytes) for i, (toks, nbytes) in enumerate(docs)]
+  shards.write_dataset(data_dir, {'test': records(DOCS), 'validation': records(DOCS + [LONG_DOC])})
+  config = _config()
+  model = Transformer(ModelConfig.from_config(config.model))
+  init = jax.jit(model.init)
+  params = nn.unbox(init(jax.random.key(0), jnp.zeros((1, SEQ_LEN), jnp.int32))['params'])
+  mesh = mesh_lib.make_mesh(config.mesh)
+  return data_dir, config, model, params, mesh
+
+
+def _hand_nats(model, params, docs):
+  """Sum over documents of -log p(token | document prefix), for tokens + EOS."""
+  total = 0.0
+  forward = jax.jit(model.apply)
+  for tokens, _ in docs:
+    seq = np.array([BOS_ID] + tokens + [EOS_ID], np.int32)
+    # Zeros after the document change nothing before them (causal); one shape, one compile.
+    padded = np.zeros((1, SEQ_LEN), np.int32)
+    padded[0, :len(seq)] = seq
+    logp = np.asarray(jax.nn.log_softmax(forward({'params': params}, padded)[0]), np.float64)
+    total -= sum(logp[t, seq[t + 1]] for t in range(len(seq) - 1))
+  return total
+
+
+def test_bits_per_byte_matches_hand_computation(setup):
+  data_dir, config, model, params, mesh = setup
+  result = evaluate.evaluate_split(config, model, params, mesh, data_dir=data_dir, split='test',
+                                   progress=False)
+  nats = _hand_nats(model, params, DOCS)
+  num_bytes = sum(b for _, b in DOCS)
+  num_tokens = sum(len(t) + 1 for t, _ in DOCS)
+  assert result['num_tokens'] == num_tokens and result['unpredicted_tokens'] == 0
+  assert result['num_bytes'] == num_bytes and result['num_documents'] == len(DOCS)
+  np.testing.assert_allclose(result['nats'], nats, rtol=1e-5)
+  np.testing.assert_allclose(result['bits_per_byte'], nats / num_bytes / math.log(2), rtol=1e-5)
+  np.testing.assert_allclose(result['loss'], nats / num_tokens, rtol=1e-5)
+  np.testing.assert_allclose(result['perplexity'], math.exp(nats / num_tokens), rtol=1e-5)
+  assert result['bits_per_byte_extrapolated'] == pytest.approx(result['bits_per_byte'])
+
+
+def test_cut_documents_are_counted_as_unpredicted(setup):
+  data_dir, config, model, params, mesh = setup
+  result = evaluate.evaluate_split(config, model, params, mesh, data_dir=data_dir,
+                                   split='validation', progress=False)
+  # The long document is cut into 3 pieces: the first token of pieces 2 and 3 has no target.
+  expected = sum(len(t) + 1 for t, _ in DOCS + [LONG_DOC])
+  assert result['unpredicted_tokens'] == 2
+  assert result['num_tokens'] == expected - 2
+  assert result['bits_per_byte_extrapolated'] > result['bits_per_byte']

@@ -1,0 +1,183 @@
+"""Loss, perplexity and bits per byte of a trained model over a whole data split.
+
+  python -m train.evaluate --workdir=runs/tiny --split=test [--step=N]
+
+restores the run's parameters (`train.run_dir.load_run`), reads the split once
+in stored order (every document, the last batch padded) and scores it with
+`train.steps.make_eval_step` + `evaluate_batches`, the evaluation the training
+loop runs on the validation split. Prints the result and writes it to
+`<workdir>/eval_<split>.json`.
+
+What is counted. Each document is [BOS] + tokens + [EOS]; the targets are the
+document's tokens and its EOS (BOS is never predicted), so a document of n
+tokens contributes n + 1 predictions. A document longer than `seq_len` is cut
+into pieces that are scored without each other's context, and the first token
+of every later piece is not predicted at all (nothing precedes it in its
+segment). Those tokens are counted in `unpredicted_tokens`; `loss`,
+`perplexity` and `bits_per_byte` cover the predicted tokens only, so with
+cuts they are slightly optimistic. `bits_per_byte_extrapolated` charges each
+unpredicted token the mean loss. Pass a longer `--seq_len` to avoid cuts.
+
+Bits per byte = total nats / total UTF-8 bytes of the split's documents / ln 2.
+It does not depend on the tokenizer, so runs with different vocabularies
+compare directly.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from typing import Any, Iterable, Iterator, Sequence
+
+from absl import app
+from absl import flags
+import jax
+import numpy as np
+import tqdm
+
+from data_pipeline import loader as loader_lib
+from data_pipeline import shards
+from train import mesh as mesh_lib
+from train import state as state_lib
+from train import steps as steps_lib
+
+
+def _synced(batches: Iterable[dict[str, np.ndarray]]) -> Iterator[dict[str, np.ndarray]]:
+  """Across processes, batches until every process is out of data.
+
+  The eval step is a collective, so all processes must call it equally often;
+  a process that runs out first feeds all-padding batches (no targets).
+  """
+  if jax.process_count() == 1:
+    yield from batches
+    return
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  iterator, template = iter(batches), None
+  while True:
+    batch = next(iterator, None)
+    if batch is not None:
+      template = batch
+    if not np.any(multihost_utils.process_allgather(np.array(batch is not None))):
+      return
+    if batch is None:
+      if template is None:
+        raise ValueError('This process has no evaluation data to shape a padding batch.')
+      batch = {k: np.zeros_like(v) for k, v in template.items()}
+    yield batch
+
+
+def evaluate_split(config: Any, model: Any, params: Any, mesh: jax.sharding.Mesh, *,
+                   data_dir: str, split: str, seq_len: int | None = None,
+                   batch_size: int | None = None, progress: bool = True) -> dict[str, Any]:
+  """Scores every document of `split`; returns the metrics (see the module docstring).
+
+  seq_len, batch_size: default the run's; batch_size is global (all processes).
+  """
+  seq_len = int(seq_len or config.seq_len)
+  batch_size = int(batch_size or config.batch_size)
+  if batch_size % jax.process_count():
+    raise ValueError(f'batch_size {batch_size} must be a multiple of the {jax.process_count()} '
+                     'processes.')
+  rules = mesh_lib.logical_rules(config.mesh)
+  batch_sharding = mesh_lib.batch_sharding(mesh, rules)
+  param_shardings = state_lib.param_shardings(config, model, mesh)
+  params = jax.device_put(params, param_shardings)  # no copy when already placed so
+  eval_step = steps_lib.make_eval_step(config, model, mesh, param_shardings, batch_sharding)
+
+  stats = shards.split_stats(data_dir, split)
+  total_bytes = loader_lib.num_bytes(data_dir, split)
+  loader = loader_lib.make_loader(
+      data_dir, split, seq_len=seq_len, batch_size=batch_size // jax.process_count(),
+      num_epochs=1, shuffle=False, drop_remainder=False)
+
+  # Progress in tokens (BOS and EOS included): exact on one process.
+  single = jax.process_count() == 1
+  bar = tqdm.tqdm(total=stats['tokens'] + 2 * stats['documents'] if single else None,
+                  unit='tok', unit_scale=True, desc=f'eval {split}',
+                  disable=not progress or jax.process_index() != 0)
+
+  def batches():
+    for local in _synced(loader):
+      bar.update(int(np.count_nonzero(local['segment_ids'])))
+      yield loader_lib.global_batch(local, batch_sharding)
+
+  start = time.perf_counter()
+  with bar:
+    result = steps_lib.evaluate_batches(eval_step, params, batches())
+  seconds = time.perf_counter() - start
+
+  nats, num_tokens = result['nats'], int(result['num_tokens'])
+  expected = stats['tokens'] + stats['documents']  # every token plus each EOS
+  unpredicted = expected - num_tokens
+  bits_per_byte = nats / total_bytes / math.log(2) if total_bytes else float('nan')
+  return {
+      'split': split,
+      'loss': result['loss'],
+      'perplexity': result['perplexity'],
+      'bits_per_byte': bits_per_byte,
+      'bits_per_byte_extrapolated': (result['loss'] * expected / total_bytes / math.log(2)
+                                     if total_bytes else float('nan')),
+      'nats': nats,
+      'num_tokens': num_tokens,
+      'unpredicted_tokens': unpredicted,
+      'num_documents': stats['documents'],
+      'num_bytes': total_bytes,
+      'seq_len': seq_len,
+      'batch_size': batch_size,
+      'seconds': seconds,
+  }
+
+
+def _data_dir(config: Any, workdir: str, override: str | None) -> str:
+  candidates = [override] if override else [
+      config.data.workdir,
+      # A relative data.workdir is relative to where training ran; try next to the run too.
+      os.path.join(os.path.dirname(os.path.abspath(workdir)),
+                   os.path.basename(os.path.normpath(config.data.workdir)))]
+  for path in candidates:
+    if os.path.isdir(os.path.join(path, 'tfds')):
+      return path
+  raise FileNotFoundError(f'No prepared data (a tfds/ folder) at {candidates}; the run\'s '
+                          'config.json names data.workdir, or pass --data_dir.')
+
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string('workdir', None, 'Run directory (config.json, checkpoints/).')
+flags.DEFINE_string('split', 'test', 'Split to evaluate: train, validation or test.')
+flags.DEFINE_integer('step', None, 'Checkpoint step (default: the latest).')
+flags.DEFINE_string('data_dir', None, 'Data workdir (default: the run\'s data.workdir).')
+flags.DEFINE_integer('seq_len', None, 'Row length (default: the run\'s seq_len).')
+flags.DEFINE_integer('batch_size', None, 'Global batch size (default: the run\'s).')
+
+
+def main(argv: Sequence[str]) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  from train import run_dir  # pylint: disable=g-import-not-at-top
+  config, model, params, _, mesh = run_dir.load_run(FLAGS.workdir, FLAGS.step)
+  data_dir = _data_dir(config, FLAGS.workdir, FLAGS.data_dir)
+  result = evaluate_split(config, model, params, mesh, data_dir=data_dir, split=FLAGS.split,
+                          seq_len=FLAGS.seq_len, batch_size=FLAGS.batch_size)
+  result['step'] = int(config.checkpoint_step)
+  result['data_dir'] = os.path.abspath(data_dir)
+  if jax.process_index() != 0:
+    return
+  print(f'{FLAGS.workdir} step {result["step"]}, split {FLAGS.split}: '
+        f'loss {result["loss"]:.4f} | perplexity {result["perplexity"]:.2f} | '
+        f'bits/byte {result["bits_per_byte"]:.4f} | {result["num_tokens"]:,} tokens, '
+        f'{result["num_documents"]:,} documents, {result["num_bytes"]:,} bytes')
+  if result['unpredicted_tokens']:
+    print(f'{result["unpredicted_tokens"]} tokens were not predicted (first token of a piece of a '
+          f'document longer than seq_len={result["seq_len"]}); with them at the mean loss: '
+          f'{result["bits_per_byte_extrapolated"]:.4f} bits/byte.')
+  path = os.path.join(FLAGS.workdir, f'eval_{FLAGS.split}.json')
+  with open(path, 'w') as f:
+    json.dump(result, f, indent=2)
+  print(f'wrote {path}')
+
+
+if __name__ == '__main__':
+  flags.mark_flag_as_required('workdir')
+  app.run(main)
