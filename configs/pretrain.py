@@ -1,0 +1,192 @@
+"""Pre-training configs: next-token prediction on a prepared corpus.
+
+Presets (`configs/pretrain.py:<preset>[,key=value,...]`):
+
+  tiny      ~5.0M params (d 256, 4 layers, GQA 4q/2kv heads, tied embeddings),
+            seq 256, batch 32. The demo model for a 2-core CPU.
+              python -m train --config=configs/pretrain.py:tiny --workdir=runs/tiny
+            Hardware: 2 CPU cores, float32. Wall time: MEASURED_TINY_WALL.
+            Expect: MEASURED_TINY_RESULT.
+  small     ~26M params (d 512, 8 layers, tied embeddings), seq 512, batch 32.
+              python -m train --config=configs/pretrain.py:small --workdir=runs/small
+            A CPU can run it but slowly; meant for one GPU/TPU host.
+  bench_cpu the benchmark shape of the issue: 6 layers, d 384, 6 heads, seq 256,
+            batch 16, vocab 8192.
+              python -m benchmarks.train_step --config=configs/pretrain.py:bench_cpu
+  1b        Llama-3.2-1B-like shape (d 2048, 16 layers, 32q/8kv heads, mlp 8192,
+            vocab 32000, seq 2048), bf16 compute, splash attention on TPU
+            ('auto'), full remat, FSDP over every chip.
+  7b        the LLaMA-2 7B shape (d 4096, 32 layers, 32 heads, mlp 11008,
+            vocab 32000, seq 4096; 6.74e9 params), bf16, full remat, FSDP.
+            Both are for TPU pod slices, e.g.
+              python -m train --config=configs/pretrain.py:7b --workdir=gs://bucket/runs/7b
+            On CPU they can only build their abstract state (`jax.eval_shape`).
+
+`data.workdir` is the prepared data (see configs/data.py); if it is the
+embedded default (`data.preset='stdlib'`) and missing, training builds it first.
+The tokenizer's vocabulary must equal `model.vocab_size`.
+
+Mesh: sizes of the ('data', 'fsdp', 'tensor') axes, one may be -1 (fills the
+devices); `mesh.rules_preset` names logical-axis rules in train/mesh.py
+('fsdp_tp', 'fsdp', 'tp') unless `mesh.rules` lists them explicitly.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+from configs import overrides
+
+
+def _model(**kwargs) -> ml_collections.ConfigDict:
+  model = ml_collections.ConfigDict(dict(
+      vocab_size=8192,
+      d_model=256,
+      num_layers=4,
+      num_heads=4,
+      num_kv_heads=4,
+      head_dim=64,
+      mlp_dim=704,
+      max_len=256,
+      rope_theta=10000.0,
+      tie_embeddings=False,
+      dropout_rate=0.0,
+      dtype='float32',
+      param_dtype='float32',
+      scan_layers=True,
+      remat_policy='none',
+      attention_impl='auto',
+      norm_eps=1e-6,
+  ))
+  model.update(kwargs)
+  return model
+
+
+def _base() -> ml_collections.ConfigDict:
+  config = ml_collections.ConfigDict()
+  config.data = ml_collections.ConfigDict(dict(workdir='runs/data', preset='stdlib'))
+  config.model = _model()
+  config.seq_len = 256
+  config.batch_size = 32          # global, over all processes
+  config.num_train_steps = 1000
+  config.num_epochs = ml_collections.FieldReference(None, field_type=int)
+  config.eval_every = 250
+  config.eval_steps = 20
+  config.checkpoint_every = 500
+  config.keep_checkpoints = 2
+  config.patience = 0             # evaluations without improvement; 0 = never stop early
+  config.log_every = 25
+  config.seed = 0
+  config.optimizer = ml_collections.ConfigDict(dict(
+      learning_rate=3e-3,
+      warmup_steps=100,
+      schedule='cosine',          # 'cosine' | 'linear' | 'constant'
+      end_lr_factor=0.1,
+      weight_decay=0.1,
+      b1=0.9,
+      b2=0.95,
+      eps=1e-8,
+      grad_clip_norm=1.0,
+      grad_accum_steps=1,
+      # Parameters whose path matches this regex get no weight decay.
+      weight_decay_exclude=r'norm|bias|(^|/)embed(ding)?(/|$)',
+  ))
+  config.loss = ml_collections.ConfigDict(dict(z_loss=0.0))
+  config.mesh = ml_collections.ConfigDict(dict(
+      data=-1, fsdp=1, tensor=1, num_slices=1, rules_preset='fsdp_tp',
+      rules=ml_collections.FieldReference(None, field_type=tuple)))
+  return config
+
+
+def _set_seq_len(config: ml_collections.ConfigDict, seq_len: int) -> None:
+  # RoPE / KV-cache length follows the training length unless set otherwise.
+  config.seq_len = seq_len
+  config.model.max_len = seq_len
+
+
+def tiny() -> ml_collections.ConfigDict:
+  config = _base()
+  config.model = _model(d_model=256, num_layers=4, num_heads=4, num_kv_heads=2, head_dim=64,
+                        mlp_dim=704, tie_embeddings=True)
+  _set_seq_len(config, 256)
+  config.batch_size = 32
+  config.num_train_steps = 2000
+  config.optimizer.learning_rate = 3e-3
+  config.optimizer.warmup_steps = 100
+  return config
+
+
+def small() -> ml_collections.ConfigDict:
+  config = _base()
+  config.model = _model(d_model=512, num_layers=8, num_heads=8, num_kv_heads=4, head_dim=64,
+                        mlp_dim=1408, tie_embeddings=True)
+  _set_seq_len(config, 512)
+  config.batch_size = 32
+  config.num_train_steps = 10_000
+  config.eval_every = 1000
+  config.checkpoint_every = 1000
+  config.optimizer.learning_rate = 1e-3
+  config.optimizer.warmup_steps = 500
+  return config
+
+
+def bench_cpu() -> ml_collections.ConfigDict:
+  config = _base()
+  config.model = _model(d_model=384, num_layers=6, num_heads=6, num_kv_heads=6, head_dim=64,
+                        mlp_dim=1024)
+  _set_seq_len(config, 256)
+  config.batch_size = 16
+  return config
+
+
+def _llama(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """Accelerator settings shared by the large presets."""
+  config.model.dtype = 'bfloat16'
+  config.model.param_dtype = 'float32'
+  config.model.remat_policy = 'full'
+  config.model.attention_impl = 'auto'   # splash on TPU, cudnn on GPU
+  config.data.preset = 'files'
+  config.optimizer.learning_rate = 3e-4
+  config.optimizer.warmup_steps = 2000
+  config.optimizer.weight_decay = 0.1
+  config.optimizer.end_lr_factor = 0.1
+  config.eval_every = 1000
+  config.eval_steps = 50
+  config.checkpoint_every = 1000
+  config.log_every = 10
+  config.mesh.update(dict(data=1, fsdp=-1, tensor=1))
+  return config
+
+
+def one_b() -> ml_collections.ConfigDict:
+  config = _base()
+  config.model = _model(vocab_size=32000, d_model=2048, num_layers=16, num_heads=32,
+                        num_kv_heads=8, head_dim=64, mlp_dim=8192, rope_theta=500000.0,
+                        norm_eps=1e-5)
+  _set_seq_len(config, 2048)
+  config.batch_size = 256
+  config.num_train_steps = 100_000
+  return _llama(config)
+
+
+def seven_b() -> ml_collections.ConfigDict:
+  config = _base()
+  config.model = _model(vocab_size=32000, d_model=4096, num_layers=32, num_heads=32,
+                        num_kv_heads=32, head_dim=128, mlp_dim=11008, norm_eps=1e-5)
+  _set_seq_len(config, 4096)
+  config.batch_size = 256
+  config.num_train_steps = 250_000
+  return _llama(config)
+
+
+PRESETS = {
+    'tiny': tiny,
+    'small': small,
+    'bench_cpu': bench_cpu,
+    '1b': one_b,
+    '7b': seven_b,
+}
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  return overrides.build(arg, PRESETS, default_preset='tiny')

@@ -1,0 +1,181 @@
+"""Train / eval steps: accumulation, remat/scan invariance, golden values, sharding."""
+
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import sharded_step_check as check
+from configs import pretrain
+from model.config import ModelConfig, num_params
+from model.transformer import Transformer
+from train import losses
+from train import mesh as mesh_lib
+from train import state as state_lib
+from train import steps
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope='module')
+def reference():
+  """Two train steps of `check.small_config()` on one device, shared by the tests below."""
+  config = check.small_config()
+  model, mesh, state, shardings, train_step = check.build(config)
+  init = jax.device_get(state)
+  after_1, metrics_1 = train_step(state, check.make_batch(config, seed=0))
+  after_1 = jax.device_get(after_1)
+  after_2, metrics_2 = train_step(jax.device_put(after_1, shardings),
+                                  check.make_batch(config, seed=1))
+  return dict(config=config, model=model, mesh=mesh, shardings=shardings, init=init,
+              after_1=after_1, metrics_1=jax.device_get(metrics_1),
+              losses=[float(metrics_1['train/loss']), float(metrics_2['train/loss'])],
+              params_2=check.flat_params(after_2.params))
+
+
+def _assert_trees_close(a, b, rtol, atol):
+  jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=rtol, atol=atol), a, b)
+
+
+def test_next_token_targets_stay_inside_segments():
+  batch = {'tokens': jnp.array([[5, 6, 7, 8, 9, 0]]),
+           'segment_ids': jnp.array([[1, 1, 2, 2, 2, 0]])}
+  targets, weights = losses.next_token_targets(batch)
+  np.testing.assert_array_equal(targets[0, :4], [6, 7, 8, 9])
+  # 6->7 crosses documents, 9->pad is padding, the pad and the last column are no targets.
+  np.testing.assert_array_equal(weights[0], [1, 0, 1, 1, 0, 0])
+
+
+def test_cross_entropy_sums_and_z_loss():
+  logits = jnp.array([[[0.0, math.log(3.0)], [1.0, 1.0]]])
+  targets = jnp.array([[1, 0]])
+  weights = jnp.array([[1.0, 0.0]])
+  nll, z, n = losses.cross_entropy(logits, targets, weights, z_loss=0.5)
+  np.testing.assert_allclose(nll, -math.log(3 / 4), rtol=1e-6)
+  np.testing.assert_allclose(z, 0.5 * math.log(4.0) ** 2, rtol=1e-6)
+  assert float(n) == 1.0
+
+
+def test_grad_accumulation_equals_one_large_batch(reference):
+  config = check.small_config('optimizer.grad_accum_steps=4')
+  _, _, state, _, train_step = check.build(config)
+  # The batch's rows hold different numbers of target tokens, so averaging
+  # per-micro-batch means would differ from the large-batch mean.
+  after_4, metrics_4 = jax.device_get(train_step(state, check.make_batch(config, seed=0)))
+  metrics_1, after_1 = reference['metrics_1'], reference['after_1']
+  np.testing.assert_allclose(metrics_4['train/loss'], metrics_1['train/loss'], rtol=1e-6)
+  np.testing.assert_allclose(metrics_4['train/grad_norm'], metrics_1['train/grad_norm'], rtol=1e-5)
+  assert metrics_4['train/num_tokens'] == metrics_1['train/num_tokens']
+  # Adam's first update is ~lr * sign(grad): allow 1% of that lr (5e-3) for
+  # elements whose gradient is near zero.
+  _assert_trees_close(after_4.params, after_1.params, rtol=1e-5, atol=5e-5)
+  _assert_trees_close(after_4.opt_state, after_1.opt_state, rtol=1e-4, atol=1e-9)
+
+
+def _unstack_layers(params, num_layers):
+  """Scanned params ('layers' with a leading axis) -> unrolled 'layers_0', 'layers_1', ..."""
+  params = dict(params)
+  stacked = params.pop('layers')
+  for i in range(num_layers):
+    params[f'layers_{i}'] = jax.tree.map(lambda x, i=i: x[i], stacked)
+  return params
+
+
+def _loss_and_grads(config, params, batch):
+  model = Transformer(ModelConfig.from_config(config.model))
+
+  def loss_fn(p):
+    logits = model.apply({'params': p}, batch['tokens'], segment_ids=batch['segment_ids'],
+                         positions=batch['positions'])
+    targets, weights = losses.next_token_targets(batch)
+    nll, _, n = losses.cross_entropy(logits, targets, weights)
+    return nll / n
+
+  return jax.jit(jax.value_and_grad(loss_fn))(params)
+
+
+def test_remat_and_scan_do_not_change_loss_or_grads(reference):
+  config = reference['config']
+  batch = check.make_batch(config)
+  params = reference['init'].params
+  loss, grads = _loss_and_grads(config, params, batch)
+  scanned_full = check.small_config('model.remat_policy=full')
+  other_loss, other_grads = _loss_and_grads(scanned_full, params, batch)
+  np.testing.assert_allclose(other_loss, loss, rtol=1e-6)
+  _assert_trees_close(other_grads, grads, rtol=1e-4, atol=1e-7)
+  unrolled = check.small_config('model.scan_layers=False,model.remat_policy=dots_saveable')
+  other_loss, other_grads = _loss_and_grads(unrolled, _unstack_layers(params, 2), batch)
+  np.testing.assert_allclose(other_loss, loss, rtol=1e-6)
+  _assert_trees_close(other_grads, _unstack_layers(grads, 2), rtol=1e-4, atol=1e-7)
+
+
+# Recorded from this code at commit time (CPU, float32). A change here means
+# the init, the model or the step changed numerics: update only on purpose.
+GOLDEN_FIRST_LOSS = 5.340895175933838
+GOLDEN_SECOND_LOSS = 5.453566551208496
+
+
+def test_golden_first_steps(reference):
+  losses_ = reference['losses']
+  # At init the logits have unit variance (head std d**-0.5 on unit-RMS
+  # features), so the loss is ln(vocab) + ~0.5 nats.
+  assert 0.0 < losses_[0] - math.log(reference['config'].model.vocab_size) < 0.75, losses_
+  np.testing.assert_allclose(losses_, [GOLDEN_FIRST_LOSS, GOLDEN_SECOND_LOSS], rtol=1e-5)
+
+
+def test_eval_step_and_evaluate_batches(reference):
+  config, model, mesh = reference['config'], reference['model'], reference['mesh']
+  eval_step = steps.make_eval_step(
+      config, model, mesh, reference['shardings'].params,
+      mesh_lib.batch_sharding(mesh, mesh_lib.logical_rules(config.mesh)))
+  state = reference['after_1']
+  batches = [check.make_batch(config, seed) for seed in range(3)]
+  result = steps.evaluate_batches(eval_step, state.params, batches)
+  nats, count = 0.0, 0.0
+  for batch in batches:
+    logits = model.apply({'params': state.params}, batch['tokens'],
+                         segment_ids=batch['segment_ids'], positions=batch['positions'])
+    targets, weights = losses.next_token_targets(batch)
+    nll = jax.nn.logsumexp(logits, -1) - jnp.take_along_axis(logits, targets[..., None], -1)[..., 0]
+    nats += float(jnp.sum(nll * weights))
+    count += float(jnp.sum(weights))
+  assert result['num_tokens'] == count
+  np.testing.assert_allclose(result['loss'], nats / count, rtol=1e-5)
+  np.testing.assert_allclose(result['perplexity'], math.exp(nats / count), rtol=1e-5)
+
+
+def test_sharded_step_matches_single_device(reference, tmp_path):
+  out = tmp_path / 'sharded.npz'
+  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=8',
+             JAX_PLATFORMS='cpu')
+  proc = subprocess.run(
+      [sys.executable, os.path.join(ROOT, 'tests', 'sharded_step_check.py'), str(out),
+       'data=2,fsdp=2,tensor=2'],
+      env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  sharded = np.load(out)
+  np.testing.assert_allclose(sharded['losses'], reference['losses'], rtol=2e-6)
+  for name, value in reference['params_2'].items():
+    np.testing.assert_allclose(sharded['param/' + name], value, rtol=1e-4, atol=5e-5,
+                               err_msg=name)
+
+
+@pytest.mark.parametrize('preset,expected', [('1b', 1.104e9), ('7b', 6.738e9)])
+def test_large_presets_build_abstract_state(preset, expected):
+  config = pretrain.get_config(preset)
+  model = Transformer(ModelConfig.from_config(config.model))
+  mesh = mesh_lib.make_mesh(config.mesh)  # fsdp=-1 over the one CPU device
+  abstract, shardings = state_lib.abstract_state(config, model, mesh)
+  leaves = jax.tree.leaves(abstract.params)
+  assert all(isinstance(leaf, jax.ShapeDtypeStruct) for leaf in jax.tree.leaves(abstract))
+  count = sum(math.prod(leaf.shape) for leaf in leaves)
+  assert count == num_params(ModelConfig.from_config(config.model))
+  assert abs(count - expected) / expected < 1e-3, count
+  assert jax.tree.structure(shardings) == jax.tree.structure(abstract)
