@@ -9,11 +9,20 @@ Sharding happens on record indices before anything else, so processes see
 disjoint documents that together cover the split. The packer is a Grain
 iterator whose state is (the parent state at the document being packed, how
 much of it is already emitted), so a restored loader continues exactly.
+
+With a finite number of epochs, processes would pack different numbers of
+rows, and a process that stops early leaves the others waiting in a
+collective. So every process counts the batches of all of them (from document
+lengths, with the same packing rule) and they all yield the same number:
+the smallest (drop_remainder=True, training) or the largest, padded with
+all-zero batches (drop_remainder=False, evaluation).
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 import dataclasses
+import math
 from typing import Any
 
 import grain
@@ -111,6 +120,22 @@ class _PackIterator(grain.DatasetIterator):
       self._offset = state['offset']
 
 
+def _count_rows(lengths: Iterable[int], seq_len: int) -> int:
+  """Rows `_PackIterator` makes from documents of these lengths (bos/eos included)."""
+  rows = used = 0
+  for length in lengths:
+    if length <= seq_len:
+      if used + length > seq_len:  # Closed with padding.
+        rows, used = rows + 1, 0
+      used += length
+    else:  # Cut: fills the current row, then whole rows.
+      full, used = divmod(used + length, seq_len)
+      rows += full
+    if used == seq_len:
+      rows, used = rows + 1, 0
+  return rows + (used > 0)
+
+
 class _PackIterDataset(grain.IterDataset):
 
   def __init__(self, parent: grain.IterDataset, seq_len: int):
@@ -144,22 +169,40 @@ class LoaderSpec:
 
 
 class Loader:
-  """Iterator over batches: dicts of int32 [batch_size, seq_len] numpy arrays."""
+  """Iterator over batches: dicts of int32 [batch_size, seq_len] numpy arrays.
 
-  def __init__(self, dataset: grain.IterDataset, spec: LoaderSpec):
+  `num_batches` is the number of batches it yields when num_epochs is finite
+  (the same on every process), else None.
+  """
+
+  def __init__(self, dataset: grain.IterDataset, spec: LoaderSpec,
+               num_batches: int | None = None):
     self.spec = spec
+    self.num_batches = num_batches
     self._iterator = iter(dataset)
+    self._emitted = 0
 
   def __iter__(self) -> Loader:
     return self
 
   def __next__(self) -> dict[str, np.ndarray]:
-    return next(self._iterator)
+    if self.num_batches is not None and self._emitted >= self.num_batches:
+      raise StopIteration
+    try:
+      batch = next(self._iterator)
+    except StopIteration:
+      if self.num_batches is None:
+        raise
+      # Other processes still have batches: take part with padding only.
+      shape = (self.spec.batch_size, self.spec.seq_len)
+      batch = {k: np.zeros(shape, np.int32) for k in ('tokens', 'segment_ids', 'positions')}
+    self._emitted += 1
+    return batch
 
   def get_state(self) -> dict[str, Any]:
     """JSON-serialisable state; `set_state` on a loader of the same spec resumes here."""
     return {'version': _STATE_VERSION, 'spec': dataclasses.asdict(self.spec),
-            'iterator': self._iterator.get_state()}
+            'iterator': self._iterator.get_state(), 'emitted': self._emitted}
 
   def set_state(self, state: dict[str, Any]) -> None:
     if state.get('version') != _STATE_VERSION:
@@ -171,6 +214,32 @@ class Loader:
           'loader state was saved by a loader with other settings '
           '(saved, now): ' + ', '.join(f'{k}={a!r}, {b!r}' for k, (a, b) in diff.items()))
     self._iterator.set_state(state['iterator'])
+    self._emitted = state['emitted']
+
+
+def _document_order(num_documents: int, process_index: int, process_count: int,
+                    shuffle: bool, seed: int, num_epochs: int | None) -> grain.MapDataset:
+  """Indices of the documents one process reads, in order."""
+  ds = grain.MapDataset.range(num_documents)[process_index::process_count]
+  if shuffle:
+    ds = ds.shuffle(seed=seed)
+  # Shuffle before repeat: repeat hands the shuffle indices past the first
+  # epoch, which it reshuffles with seed + epoch.
+  return ds.repeat(num_epochs)
+
+
+def _agreed_num_batches(source, spec: LoaderSpec) -> int:
+  """Batches every process yields with a finite num_epochs (module docstring)."""
+  lengths = np.array([len(source[i]['tokens']) + 2 for i in range(len(source))])
+  counts = []
+  for p in range(spec.process_count):
+    order = _document_order(len(source), p, spec.process_count, spec.shuffle, spec.seed,
+                            spec.num_epochs)
+    rows = _count_rows(lengths[np.fromiter(order, np.int64, len(order))], spec.seq_len)
+    counts.append(rows / spec.batch_size)
+  if spec.drop_remainder:
+    return math.floor(min(counts))
+  return math.ceil(max(counts))
 
 
 def make_loader(
@@ -209,25 +278,23 @@ def make_loader(
   if not 0 <= process_index < process_count:
     raise ValueError(f'process_index {process_index} not in [0, {process_count})')
   source = shards.data_source(data_dir, split)
-  ds = grain.MapDataset.source(source)[process_index::process_count]
-  if len(ds) == 0:  # pylint: disable=g-explicit-length-test
+  if process_index >= len(source):
     raise ValueError(
         f'split {split!r} of {shards.dataset_dir(data_dir)} has {len(source)} documents: '
         f'none for process {process_index} of {process_count}')
   spec = LoaderSpec(split, seq_len, batch_size, seed, num_epochs, shuffle,
                     drop_remainder, process_index, process_count, len(source))
-  if shuffle:
-    ds = ds.shuffle(seed=seed)
-  # Shuffle before repeat: repeat hands the shuffle indices past the first
-  # epoch, which it reshuffles with seed + epoch.
-  ds = ds.repeat(num_epochs).map(_wrap_document)
+  order = _document_order(len(source), process_index, process_count, shuffle, seed,
+                          num_epochs)
+  ds = order.map(lambda i: _wrap_document(source[i]))
   # Two reader threads match the machines this runs on (2 cores); decoding a
   # record is a memcpy, so more threads only add contention.
   it = ds.to_iter_dataset(grain.ReadOptions(num_threads=2, prefetch_buffer_size=64))
   it = _PackIterDataset(it, seq_len).batch(batch_size, drop_remainder=drop_remainder)
   if not drop_remainder:
     it = it.map(lambda batch: _pad_batch(batch, batch_size))
-  return Loader(it, spec)
+  num_batches = None if num_epochs is None else _agreed_num_batches(source, spec)
+  return Loader(it, spec, num_batches)
 
 
 def global_batch(local_batch: dict[str, np.ndarray],

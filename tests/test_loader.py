@@ -193,6 +193,40 @@ def test_processes_see_disjoint_documents_covering_the_split(data):
   assert _counter(seen[0]) + _counter(seen[1]) == _counter(docs)
 
 
+@pytest.mark.parametrize('kwargs', [
+    dict(num_epochs=1, drop_remainder=False),
+    dict(num_epochs=1, drop_remainder=True, batch_size=3),
+    dict(num_epochs=3, drop_remainder=False, shuffle=False, batch_size=5),
+    dict(num_epochs=2, drop_remainder=True, seq_len=7),
+])
+def test_num_batches_is_exact(data, kwargs):
+  workdir, _ = data
+  run = _make(workdir, **kwargs)
+  assert run.num_batches == len(list(run))
+  assert _make(workdir).num_batches is None  # Repeats forever.
+
+
+def test_processes_yield_the_same_number_of_batches(data):
+  workdir, _ = data
+  docs = _documents(9, 1)  # The validation split.
+
+  def run_all(drop_remainder):
+    return [list(_make(workdir, split='validation', batch_size=1, num_epochs=1,
+                       drop_remainder=drop_remainder, process_index=i, process_count=3))
+            for i in range(3)]
+
+  padded, dropped = run_all(False), run_all(True)
+  # The shards pack to different numbers of rows...
+  rows = [int(sum(b['segment_ids'].any() for b in bs)) for bs in padded]
+  assert len(set(rows)) > 1
+  # ...but every process yields as many batches as the others: the most rows
+  # padded with empty batches, or the fewest rows.
+  assert [len(bs) for bs in padded] == [max(rows)] * 3
+  assert [len(bs) for bs in dropped] == [min(rows)] * 3
+  seen = sum((_counter(_documents_from(bs)) for bs in padded), collections.Counter())
+  assert seen == _counter(docs)
+
+
 def test_num_bytes_and_global_batch(data):
   workdir, docs = data
   assert loader.num_bytes(workdir, 'train') == sum(10 * len(d) + 1 for d in docs)
