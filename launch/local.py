@@ -13,6 +13,7 @@ fails, the others are terminated and this exits with that process's status.
 
 from __future__ import annotations
 
+import argparse
 import os
 import signal
 import socket
@@ -22,16 +23,6 @@ import threading
 import time
 from typing import Sequence, TextIO
 
-from absl import app
-from absl import flags
-
-_NUM_PROCESSES = flags.DEFINE_integer('num_processes', 2, 'How many processes to start.')
-_DEVICES_PER_PROCESS = flags.DEFINE_integer(
-    'devices_per_process', 4, 'CPU devices each process gets (jax_num_cpu_devices).')
-_PORT = flags.DEFINE_integer('port', 0, 'Coordinator port on 127.0.0.1; 0 picks a free one.')
-_GRACE = flags.DEFINE_float(
-    'grace_seconds', 5.0, 'After one process fails, how long the others get to exit on '
-    'SIGTERM before they are killed.')
 
 
 def free_port() -> int:
@@ -133,15 +124,33 @@ def launch(command: Sequence[str], *, num_processes: int, devices_per_process: i
   return 128 - status if status < 0 else status
 
 
-def main(argv: Sequence[str]) -> None:
-  command = argv[1:]
+def parser() -> argparse.ArgumentParser:
+  # argparse, not absl flags: the launched command (e.g. `python -m train`) has
+  # absl flags of the same names (--num_processes), and tests import both.
+  p = argparse.ArgumentParser(prog='python -m launch.local', description=__doc__.split('\n')[0])
+  p.add_argument('--num_processes', type=int, default=2, help='How many processes to start.')
+  p.add_argument('--devices_per_process', type=int, default=4,
+                 help='CPU devices each process gets (jax_num_cpu_devices).')
+  p.add_argument('--port', type=int, default=0,
+                 help='Coordinator port on 127.0.0.1; 0 picks a free one.')
+  p.add_argument('--grace_seconds', type=float, default=5.0,
+                 help='After one process fails, how long the others get to exit on SIGTERM '
+                 'before they are killed.')
+  p.add_argument('command', nargs=argparse.REMAINDER,
+                 help='After --: the command every process runs.')
+  return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  args = parser().parse_args(argv)
+  command = args.command[1:] if args.command[:1] == ['--'] else args.command
   if not command:
-    raise app.UsageError('Give the command after `--`, e.g. '
-                         '`python -m launch.local --num_processes=2 -- python -m train ...`.')
-  sys.exit(launch(command, num_processes=_NUM_PROCESSES.value,
-                  devices_per_process=_DEVICES_PER_PROCESS.value, port=_PORT.value,
-                  grace_seconds=_GRACE.value))
+    parser().error('give the command after `--`, e.g. '
+                   '`python -m launch.local --num_processes=2 -- python -m train ...`.')
+  return launch(command, num_processes=args.num_processes,
+                devices_per_process=args.devices_per_process, port=args.port,
+                grace_seconds=args.grace_seconds)
 
 
 if __name__ == '__main__':
-  app.run(main)
+  sys.exit(main())
