@@ -192,11 +192,15 @@ def splash_attention(q_BTNH: jax.Array, k_BSKH: jax.Array, v_BSKH: jax.Array,
   if k_BSKH.shape[2] % head_shards:
     raise ValueError(f'splash attention: {k_BSKH.shape[2]} kv heads cannot be split over the '
                      f'{head_shards} devices that shard the heads ({head_axes}).')
-  qkv_spec = P(batch_axes, None, head_axes, None)
-  sharded = jax.shard_map(attend_local, mesh=mesh,
-                          in_specs=(qkv_spec, qkv_spec, qkv_spec, P(batch_axes, None)),
-                          out_specs=qkv_spec, check_vma=False)
-  return sharded(q_BTNH, k_BSKH, v_BSKH, segment_ids_BT)
+  qkv_spec, segment_spec = P(batch_axes, None, head_axes, None), P(batch_axes, None)
+  args = (q_BTNH, k_BSKH, v_BSKH, segment_ids_BT)
+  specs = (qkv_spec, qkv_spec, qkv_spec, segment_spec)
+  if mesh.explicit_axes:
+    # With explicit-sharding axes shard_map takes its inputs as they are typed.
+    args = tuple(jax.sharding.reshard(x, spec) for x, spec in zip(args, specs))
+  sharded = jax.shard_map(attend_local, mesh=mesh, in_specs=specs, out_specs=qkv_spec,
+                          check_vma=False)
+  return sharded(*args)
 
 
 def _as_tuple(axes) -> tuple[str, ...]:

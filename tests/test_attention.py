@@ -1,0 +1,184 @@
+"""Tests for RoPE, the attention cores and the choice between them."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from model import attention
+from model.config import ModelConfig
+from model.rope import apply_rope
+from model.transformer import Transformer
+
+
+def _qkv(batch=2, length=16, heads=4, kv_heads=2, head_dim=8, seed=0):
+  keys = jax.random.split(jax.random.key(seed), 3)
+  q = jax.random.normal(keys[0], (batch, length, heads, head_dim))
+  k = jax.random.normal(keys[1], (batch, length, kv_heads, head_dim))
+  v = jax.random.normal(keys[2], (batch, length, kv_heads, head_dim))
+  return q, k, v
+
+
+def _mha_reference(q_BTNH, k_BSNH, v_BSNH, mask_BTS):
+  """Multi-head attention written out head by head, in numpy float64."""
+  q, k, v, mask = (np.asarray(a, np.float64) for a in (q_BTNH, k_BSNH, v_BSNH, mask_BTS))
+  out = np.zeros_like(q)
+  for b in range(q.shape[0]):
+    for n in range(q.shape[2]):
+      logits = q[b, :, n] @ k[b, :, n].T / np.sqrt(q.shape[-1])
+      logits = np.where(mask[b] > 0, logits, -1e30)
+      probs = np.exp(logits - logits.max(-1, keepdims=True))
+      probs /= probs.sum(-1, keepdims=True)
+      out[b, :, n] = probs @ v[b, :, n]
+  return out
+
+
+def test_rope_depends_only_on_position_difference():
+  q = jax.random.normal(jax.random.key(1), (1, 1, 1, 16))
+  k = jax.random.normal(jax.random.key(2), (1, 1, 1, 16))
+
+  def score(pos_q, pos_k):
+    q_rot = apply_rope(q, jnp.array([[pos_q]]), 10000.0)
+    k_rot = apply_rope(k, jnp.array([[pos_k]]), 10000.0)
+    return float(jnp.sum(q_rot * k_rot))
+
+  for delta in (0, 3, 17):
+    scores = [score(p + delta, p) for p in (0, 5, 123, 1000)]
+    np.testing.assert_allclose(scores, scores[0], rtol=1e-4, atol=1e-4)
+  # ...and it does depend on the difference (so the test would see a no-op RoPE).
+  assert abs(score(3, 0) - score(0, 0)) > 1e-3
+  # A rotation keeps the norm.
+  np.testing.assert_allclose(jnp.linalg.norm(apply_rope(q, jnp.array([[7]]), 10000.0)),
+                             jnp.linalg.norm(q), rtol=1e-5)
+
+
+def test_gqa_with_all_kv_heads_equals_multi_head_attention():
+  q, k, v = _qkv(heads=4, kv_heads=4)
+  segments = jnp.array([[1] * 10 + [2] * 6, [1] * 16])
+  mask = attention.segment_causal_mask(segments)
+  out = attention.xla_attention(q, k, v, mask)
+  np.testing.assert_allclose(out, _mha_reference(q, k, v, mask), rtol=1e-5, atol=1e-5)
+
+
+def test_gqa_equals_multi_head_attention_with_repeated_kv_heads():
+  q, k, v = _qkv(heads=6, kv_heads=2)
+  mask = attention.segment_causal_mask(jnp.ones((2, 16), jnp.int32))
+  out = attention.xla_attention(q, k, v, mask)
+  # Query head n uses kv head n // (N / K).
+  k_rep, v_rep = jnp.repeat(k, 3, axis=2), jnp.repeat(v, 3, axis=2)
+  np.testing.assert_allclose(out, _mha_reference(q, k_rep, v_rep, mask), rtol=1e-5, atol=1e-5)
+
+
+def test_fully_masked_rows_are_finite():
+  q, k, v = _qkv()
+  mask = jnp.zeros((2, 16, 16), jnp.bool_)
+  out = attention.xla_attention(q, k, v, mask)
+  assert np.isfinite(np.asarray(out)).all()
+  grads = jax.grad(lambda q: attention.xla_attention(q, k, v, mask).sum())(q)
+  assert np.isfinite(np.asarray(grads)).all()
+
+
+def test_jax_dot_product_attention_path_equals_reference():
+  q, k, v = _qkv(heads=4, kv_heads=2)
+  segments = jnp.array([[1] * 5 + [2] * 9 + [0] * 2, [0] * 3 + [1] * 13])
+  ref = attention.xla_attention(q, k, v, attention.segment_causal_mask(segments))
+  out = attention.dot_product_attention(q, k, v, segments, implementation='xla')
+  np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_splash_kernel_in_interpreter_equals_reference():
+  q, k, v = _qkv(batch=2, length=128, heads=4, kv_heads=2, head_dim=64)
+  segments = jnp.array([[1] * 50 + [2] * 70 + [0] * 8, [1] * 128])
+  ref = attention.xla_attention(q, k, v, attention.segment_causal_mask(segments))
+  out = attention.splash_attention(q, k, v, segments, interpret=True)
+  np.testing.assert_allclose(out, ref, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize('platform,length,dtype,expected', [
+    ('cpu', 128, jnp.float32, 'xla'),
+    ('tpu', 256, jnp.bfloat16, 'splash'),
+    ('tpu', 100, jnp.bfloat16, 'xla'),     # splash cannot take this length
+    ('gpu', 64, jnp.bfloat16, 'cudnn'),
+    ('gpu', 64, jnp.float32, 'xla'),       # cudnn needs half precision
+])
+def test_auto_selection(platform, length, dtype, expected):
+  assert attention.select_impl('auto', platform, length, dtype) == expected
+
+
+@pytest.mark.parametrize('impl,platform,match', [
+    ('splash', 'cpu', 'needs TPU'),
+    ('splash', 'gpu', 'needs TPU'),
+    ('cudnn', 'cpu', 'needs GPU'),
+    ('cudnn', 'tpu', 'needs GPU'),
+])
+def test_explicit_kernel_on_wrong_platform_raises(impl, platform, match):
+  with pytest.raises(ValueError, match=match):
+    attention.select_impl(impl, platform, 128, jnp.bfloat16)
+
+
+def test_explicit_splash_on_cpu_model_raises_at_trace_time():
+  cfg = ModelConfig(vocab_size=32, d_model=16, num_layers=1, num_heads=2, num_kv_heads=1,
+                    head_dim=8, mlp_dim=32, max_len=128, attention_impl='splash')
+  tokens = jnp.zeros((1, 128), jnp.int32)
+  with pytest.raises(ValueError, match="attention_impl='splash' needs TPU"):
+    jax.eval_shape(Transformer(cfg).init, jax.random.key(0), tokens)
+
+
+def test_platform_comes_from_the_mesh_in_context():
+  assert attention.context_mesh() is None
+  assert attention.mesh_platform(None) == jax.default_backend()
+  mesh = jax.make_mesh((1,), ('data',))
+  with jax.set_mesh(mesh):
+    assert attention.mesh_platform(attention.context_mesh()) == 'cpu'
+  # Inside jit the mesh is abstract and reports the platform of its devices,
+  # e.g. a TPU topology lowered on a CPU host.
+  from jax._src.mesh import AbstractDevice  # pylint: disable=g-import-not-at-top
+  tpu_mesh = jax.sharding.AbstractMesh((4,), ('data',),
+                                       abstract_device=AbstractDevice('TPU v5p', 1, 'tpu'))
+  assert attention.mesh_platform(tpu_mesh) == 'tpu'
+  with jax.sharding.use_abstract_mesh(tpu_mesh):
+    assert attention.context_mesh() == tpu_mesh
+
+
+_SHARDED_SPLASH = textwrap.dedent('''
+  import flax.linen as nn
+  import jax, jax.numpy as jnp, numpy as np
+  from model import attention
+  keys = jax.random.split(jax.random.key(0), 3)
+  q = jax.random.normal(keys[0], (4, 128, 4, 64))
+  k = jax.random.normal(keys[1], (4, 128, 2, 64))
+  v = jax.random.normal(keys[2], (4, 128, 2, 64))
+  seg = jnp.array([[1] * 60 + [2] * 60 + [0] * 8] * 4)
+  ref = attention.xla_attention(q, k, v, attention.segment_causal_mask(seg))
+  rules = [('activation_batch', ('data', 'fsdp')), ('activation_heads', 'tensor')]
+  mesh = jax.make_mesh((2, 2, 2), ('data', 'fsdp', 'tensor'))
+  loss = lambda f: lambda q, k, v: (f(q, k, v) ** 2).sum()
+  splash = lambda q, k, v: attention.splash_attention(
+      q, k, v, seg, mesh=attention.context_mesh(), interpret=True)
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    out = jax.jit(splash)(q, k, v)
+    assert out.sharding.spec == jax.sharding.PartitionSpec(('data', 'fsdp'), None, 'tensor', None)
+    grads = jax.jit(jax.grad(loss(splash), argnums=(0, 1, 2)))(q, k, v)
+  ref_grads = jax.grad(loss(lambda q, k, v: attention.xla_attention(
+      q, k, v, attention.segment_causal_mask(seg))), argnums=(0, 1, 2))(q, k, v)
+  np.testing.assert_allclose(out, ref, rtol=1e-4, atol=1e-4)
+  for g, r in zip(grads, ref_grads):
+    np.testing.assert_allclose(g, r, rtol=1e-3, atol=1e-3)
+  print('OK')
+''')
+
+
+def test_splash_under_a_sharded_mesh_matches_reference():
+  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=8',
+             JAX_PLATFORMS='cpu')
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  result = subprocess.run([sys.executable, '-c', _SHARDED_SPLASH], env=env, cwd=root,
+                          capture_output=True, text=True, timeout=300)
+  assert result.returncode == 0 and 'OK' in result.stdout, result.stderr[-3000:]
