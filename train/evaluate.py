@@ -29,12 +29,11 @@ import json
 import math
 import os
 import time
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any, Sequence
 
 from absl import app
 from absl import flags
 import jax
-import numpy as np
 import tqdm
 
 from data_pipeline import loader as loader_lib
@@ -42,30 +41,6 @@ from data_pipeline import shards
 from train import mesh as mesh_lib
 from train import state as state_lib
 from train import steps as steps_lib
-
-
-def _synced(batches: Iterable[dict[str, np.ndarray]]) -> Iterator[dict[str, np.ndarray]]:
-  """Across processes, batches until every process is out of data.
-
-  The eval step is a collective, so all processes must call it equally often;
-  a process that runs out first feeds all-padding batches (no targets).
-  """
-  if jax.process_count() == 1:
-    yield from batches
-    return
-  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-  iterator, template = iter(batches), None
-  while True:
-    batch = next(iterator, None)
-    if batch is not None:
-      template = batch
-    if not np.any(multihost_utils.process_allgather(np.array(batch is not None))):
-      return
-    if batch is None:
-      if template is None:
-        raise ValueError('This process has no evaluation data to shape a padding batch.')
-      batch = {k: np.zeros_like(v) for k, v in template.items()}
-    yield batch
 
 
 def evaluate_split(config: Any, model: Any, params: Any, mesh: jax.sharding.Mesh, *,
@@ -92,15 +67,14 @@ def evaluate_split(config: Any, model: Any, params: Any, mesh: jax.sharding.Mesh
       data_dir, split, seq_len=seq_len, batch_size=batch_size // jax.process_count(),
       num_epochs=1, shuffle=False, drop_remainder=False)
 
-  # Progress in tokens (BOS and EOS included): exact on one process.
-  single = jax.process_count() == 1
-  bar = tqdm.tqdm(total=stats['tokens'] + 2 * stats['documents'] if single else None,
-                  unit='tok', unit_scale=True, desc=f'eval {split}',
-                  disable=not progress or jax.process_index() != 0)
+  # With finite epochs every process yields the same number of batches (the
+  # loader pads), so the collective eval step runs equally often everywhere.
+  bar = tqdm.tqdm(total=getattr(loader, 'num_batches', None), unit='batch',
+                  desc=f'eval {split}', disable=not progress or jax.process_index() != 0)
 
   def batches():
-    for local in _synced(loader):
-      bar.update(int(np.count_nonzero(local['segment_ids'])))
+    for local in loader:
+      bar.update()
       yield loader_lib.global_batch(local, batch_sharding)
 
   start = time.perf_counter()
