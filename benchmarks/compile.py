@@ -119,6 +119,8 @@ def compile_train_step(config: Any, devices: Sequence[jax.Device]) -> dict[str, 
   compile_cpu_seconds = time.process_time() - start_cpu
 
   mem = compiled.memory_analysis()
+  # Pallas kernels (splash attention) appear as TPU custom calls in the executable.
+  tpu_custom_calls = compiled.as_text().count('custom_call_target="tpu_custom_call"')
   sizes = {
       'argument': int(mem.argument_size_in_bytes),
       'output': int(mem.output_size_in_bytes),
@@ -142,6 +144,7 @@ def compile_train_step(config: Any, devices: Sequence[jax.Device]) -> dict[str, 
       'remat_policy': model_cfg.remat_policy,
       'attention_impl': model_cfg.attention_impl,
       'dtype': model_cfg.dtype,
+      'tpu_custom_calls': tpu_custom_calls,
       'grad_accum_steps': int(config.optimizer.grad_accum_steps),
       'bytes_per_chip': sizes,
       'gib_per_chip': {k: round(v / GiB, 3) for k, v in sizes.items()},

@@ -1,0 +1,78 @@
+"""Ahead-of-time compilation for a TPU slice on this CPU host, and the 7b parameter count.
+
+The compile test needs libtpu (`pip install -e '.[tpu]'`). It runs
+`python -m benchmarks.compile` in a subprocess with the test's Python, or with
+the one named by `STRATA_TPU_PYTHON` (a venv that has libtpu, so the main
+environment can stay without the 200 MB wheel); with neither it is skipped.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# LLaMA-2 7B: 32 x (4 * 4096^2 attention + 3 * 4096 * 11008 MLP + 2 * 4096 norms)
+# + 2 * 32000 * 4096 (embedding and head) + 4096 (final norm).
+LLAMA2_7B_PARAMS = 6_738_415_616
+
+
+def _tpu_python() -> str | None:
+  explicit = os.environ.get('STRATA_TPU_PYTHON')
+  if explicit:
+    return explicit
+  if importlib.util.find_spec('libtpu') is not None:
+    return sys.executable
+  return None
+
+
+def test_7b_abstract_state_has_the_llama2_parameter_count():
+  import jax  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+
+  from configs import pretrain  # pylint: disable=g-import-not-at-top
+  from model import config as model_config_lib  # pylint: disable=g-import-not-at-top
+  from model import transformer  # pylint: disable=g-import-not-at-top
+  from train import mesh as mesh_lib  # pylint: disable=g-import-not-at-top
+  from train import state as state_lib  # pylint: disable=g-import-not-at-top
+
+  config = pretrain.get_config('7b,model.attention_impl=xla')
+  with config.unlocked():
+    config.mesh.update(dict(data=1, fsdp=1, tensor=1))
+  mesh = mesh_lib.make_mesh(config.mesh, devices=jax.devices()[:1])
+  model_cfg = model_config_lib.ModelConfig.from_config(config.model)
+  abstract, _ = state_lib.abstract_state(config, transformer.Transformer(model_cfg), mesh)
+  counted = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(abstract.params))
+  assert counted == LLAMA2_7B_PARAMS == model_config_lib.num_params(model_cfg)
+  # Adam moments mirror every parameter (the optimizer state is 2x the params).
+  moments = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(abstract.opt_state)
+                if x.ndim > 0)
+  assert moments == 2 * LLAMA2_7B_PARAMS
+
+
+def test_small_train_step_compiles_for_v5p_2x2x1_with_splash(tmp_path):
+  python = _tpu_python()
+  if python is None:
+    pytest.skip("libtpu is not installed (pip install -e '.[tpu]', or set STRATA_TPU_PYTHON to "
+                'a Python that has it): cannot compile for a TPU topology on CPU.')
+  out = tmp_path / 'compile.json'
+  env = dict(os.environ, JAX_PLATFORMS='cpu', PYTHONPATH=REPO)
+  proc = subprocess.run(
+      [python, '-m', 'benchmarks.compile', '--config=configs/pretrain.py:small',
+       '--topology=v5p:2x2x1', f'--output={out}'],
+      cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+  report = json.loads(out.read_text())
+  assert report['num_devices'] == 4 and report['device_kind'].startswith('TPU v5')
+  assert report['attention_impl'] == 'splash'
+  assert report['tpu_custom_calls'] > 0  # the splash kernels are in the executable
+  sizes = report['bytes_per_chip']
+  # The fp32 state (params + 2 Adam moments = 3 x 27.8M x 4 bytes, replicated) is an argument.
+  assert sizes['argument'] >= 3 * report['num_params'] * 4
+  assert sizes['temp'] > 0 and sizes['total'] > sizes['argument']
+  assert report['hbm_per_chip_gib'] == 95.0 and report['fits'] is True
