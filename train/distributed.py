@@ -115,8 +115,9 @@ def maybe_initialize(coordinator_address: str | None = None, num_processes: int 
   if the_plan.mode == 'detect':
     jax.distributed.initialize()
   else:
-    # CPU processes exchange data through gloo over TCP; without it a
-    # cross-process computation on the CPU backend fails at run time.
+    # CPU processes exchange data through gloo over TCP (the default in jax
+    # 0.10; explicit so a changed default cannot silently break multi-process
+    # CPU runs). GPU and TPU backends bring their own collectives.
     jax.config.update('jax_cpu_collectives_implementation', 'gloo')
     jax.distributed.initialize(coordinator_address=the_plan.coordinator_address,
                                num_processes=the_plan.num_processes,
