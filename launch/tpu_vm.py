@@ -121,22 +121,32 @@ def _script(*lines: Sequence[str] | str) -> str:
   return '; '.join(line if isinstance(line, str) else shlex.join(line) for line in lines)
 
 
-def setup_remote(repo: str, revision: str, extras: str = 'tpu') -> str:
+def setup_remote(repo: str, revision: str, extras: str = 'tpu', python: str = 'python3.11') -> str:
   """The script each worker runs: clone/update the repo at `revision`, venv, install."""
   if not repo or repo.startswith('-') or any(c.isspace() for c in repo):
     raise ValueError(f'Invalid repo {repo!r}: expected a git URL or path.')
   _check(_REVISION, revision, 'git revision', 'a branch, tag or commit (no spaces, no leading -)')
   _check(re.compile(r'[a-z0-9_,]+'), extras, 'extras', 'e.g. tpu')
+  _check(re.compile(r'python3(\.[0-9]+)?'), python, 'python', 'e.g. python3.11')
   pip = [VENV_PYTHON, '-m', 'pip', 'install', '--quiet']
+  checkout = ['git', '-c', 'advice.detachedHead=false', 'checkout', '--quiet', '--force', '--detach']
+  # The TPU images are Ubuntu 22.04, whose python3 is 3.10; strata needs 3.11+.
+  # `python` is validated above, so interpolating it here is safe.
+  install_python = (f'if ! command -v {python} >/dev/null || ! {python} -c "import ensurepip" '
+                    f'2>/dev/null; then sudo apt-get update -qq && sudo DEBIAN_FRONTEND=noninteractive '
+                    f'apt-get install -y -qq {python} {python}-venv; fi')
   return _script(
       'set -euo pipefail',
+      install_python,
       f'if [ ! -d {shlex.quote(REMOTE_DIR)}/.git ]; then '
       + shlex.join(['git', 'clone', '--quiet', '--', repo, REMOTE_DIR]) + '; fi',
       ['cd', REMOTE_DIR],
       ['git', 'fetch', '--quiet', '--tags', 'origin'],
-      ['git', '-c', 'advice.detachedHead=false', 'checkout', '--quiet', '--force', '--detach',
-       revision],
-      ['python3', '-m', 'venv', '.venv'],
+      # A branch name means the freshly fetched remote branch, not a stale local one.
+      'if ' + shlex.join(['git', 'rev-parse', '--verify', '--quiet', f'refs/remotes/origin/{revision}'])
+      + ' >/dev/null; then ' + shlex.join(checkout + [f'origin/{revision}']) + '; else '
+      + shlex.join(checkout + [revision]) + '; fi',
+      [python, '-m', 'venv', '.venv'],
       pip + ['--upgrade', 'pip'],
       pip + ['-r', 'requirements.lock'],
       # The extra adds libtpu for the jax version the lock file already installed.
@@ -213,7 +223,7 @@ def commands(args: argparse.Namespace) -> list[list[str]]:
   if args.action == 'create':
     return [create_command(args)]
   if args.action == 'setup':
-    return [ssh_command(args, setup_remote(args.repo, args.revision, args.extras))]
+    return [ssh_command(args, setup_remote(args.repo, args.revision, args.extras, args.python))]
   if args.action == 'run':
     train_args = list(args.train_args)
     if train_args[:1] == ['--']:
@@ -260,6 +270,8 @@ def parser() -> argparse.ArgumentParser:
   p.add_argument('--repo', required=True, help='git URL of strata.')
   p.add_argument('--revision', default='main', help='Branch, tag or commit to install.')
   p.add_argument('--extras', default='tpu', help='setup.py extras to install (tpu brings libtpu).')
+  p.add_argument('--python', default='python3.11',
+                 help='Interpreter for the venv; installed with apt if missing.')
 
   p = add('run', 'On every worker, the same training command with a GCS workdir.')
   p.add_argument('--run_name', required=True, help='Names the log and pid files.')

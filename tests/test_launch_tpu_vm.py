@@ -78,8 +78,10 @@ def test_setup_installs_repo_at_revision_on_all_workers():
   assert '--worker=all' in argv
   script = command_arg(argv)
   assert 'git clone --quiet -- https://github.com/example/strata.git strata' in script
-  assert 'checkout --quiet --force --detach v0.1.0' in script
-  assert 'python3 -m venv .venv' in script
+  assert 'checkout --quiet --force --detach origin/v0.1.0; else' in script
+  assert 'checkout --quiet --force --detach v0.1.0; fi' in script
+  assert 'python3.11 -m venv .venv' in script
+  assert 'apt-get install -y -qq python3.11 python3.11-venv' in script
   assert "pip install --quiet -e '.[tpu]'" in script
   subprocess.run(['bash', '-n', '-c', script], check=True)
 
@@ -193,3 +195,44 @@ def test_shell_wrapper_matches_python():
                          '--zone=us-central2-b', '--dry_run'], capture_output=True, text=True,
                         timeout=60, check=True)
   assert proc.stdout.strip() == 'gcloud compute tpus tpu-vm delete a1 --zone=us-central2-b --quiet'
+
+
+def test_setup_script_checks_out_the_revision(tmp_path):
+  """Runs the worker setup script against a local git repo with fake python/pip."""
+  origin = tmp_path / 'origin'
+  origin.mkdir()
+  git = lambda *a, cwd=origin: subprocess.run(['git', *a], cwd=cwd, check=True,
+                                              capture_output=True, text=True).stdout.strip()
+  git('init', '--quiet', '-b', 'main')
+  git('config', 'user.email', 't@example.com')
+  git('config', 'user.name', 't')
+  (origin / 'requirements.lock').write_text('')
+  git('add', '.')
+  git('commit', '--quiet', '-m', 'one')
+  first = git('rev-parse', 'HEAD')
+  (origin / 'two.txt').write_text('2')
+  git('add', '.')
+  git('commit', '--quiet', '-m', 'two')
+  second = git('rev-parse', 'HEAD')
+  # A fake interpreter: `-m venv DIR` makes DIR/bin/python, which logs pip calls.
+  bin_dir = tmp_path / 'bin'
+  bin_dir.mkdir()
+  fake = bin_dir / 'python3.11'
+  fake.write_text(
+      '#!/usr/bin/env bash\n'
+      'if [ "$1" = "-m" ] && [ "$2" = "venv" ]; then mkdir -p "$3/bin";'
+      ' printf \'#!/usr/bin/env bash\\necho "$@" >> pip.log\\n\' > "$3/bin/python";'
+      ' chmod +x "$3/bin/python"; fi\n')
+  fake.chmod(0o755)
+  home = tmp_path / 'home'
+  home.mkdir()
+  env = dict(os.environ, PATH=f'{bin_dir}:{os.environ["PATH"]}', HOME=str(home))
+  for revision, expected in ((first, first), ('main', second)):
+    script = tpu_vm.setup_remote(str(origin), revision)
+    proc = subprocess.run(['bash', '-c', script], cwd=home, env=env, capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip().splitlines()[-1] == expected
+  pip_log = (home / 'strata' / 'pip.log').read_text()
+  assert '-m pip install --quiet -r requirements.lock' in pip_log
+  assert '-m pip install --quiet -e .[tpu]' in pip_log
