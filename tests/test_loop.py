@@ -181,3 +181,173 @@ def test_resume_is_exact_and_epoch_end_stops(tmp_path):
                                 np.asarray(full.state.params['w']))
   ended, _ = _run(tmp_path / 'epoch', num_train_steps=None, loader=ToyLoader(limit=6))
   assert ended.reason == 'end_of_data' and ended.step == 6
+
+
+# --- The real pre-training entry point, in subprocesses -----------------------
+
+TINY_FLAGS = [
+    '--config=configs/pretrain.py:tiny',
+    '--config.data.preset=files',
+    '--config.model.vocab_size=320', '--config.model.d_model=32', '--config.model.num_layers=2',
+    '--config.model.num_heads=2', '--config.model.num_kv_heads=1', '--config.model.head_dim=16',
+    '--config.model.mlp_dim=64', '--config.model.max_len=32', '--config.seq_len=32',
+    '--config.batch_size=4', '--config.num_train_steps=24', '--config.eval_every=8',
+    '--config.eval_steps=2', '--config.checkpoint_every=8', '--config.keep_checkpoints=3',
+    '--config.log_every=1', '--config.optimizer.warmup_steps=4',
+]
+
+
+@pytest.fixture(scope='module')
+def tiny_data(tmp_path_factory):
+  """A synthetic corpus with some structure (so the loss can fall), vocab 320."""
+  from data_pipeline import shards  # pylint: disable=g-import-not-at-top
+  data_dir = str(tmp_path_factory.mktemp('data'))
+  rs = np.random.RandomState(0)
+
+  def docs(n, prefix):
+    for i in range(n):
+      start = rs.randint(4, 300)
+      length = rs.randint(5, 60)
+      tokens = [int(4 + (start + 3 * j) % 316) for j in range(length)]
+      yield f'{prefix}{i}', tokens, 4 * length
+
+  shards.write_dataset(data_dir, {'train': docs(200, 'tr'), 'validation': docs(20, 'va'),
+                                  'test': docs(20, 'te')})
+  return data_dir
+
+
+@pytest.fixture(scope='module')
+def compile_cache(tmp_path_factory):
+  # Shared by the subprocesses so only the first one compiles the steps.
+  return str(tmp_path_factory.mktemp('jax_cache'))
+
+
+def _train_cmd(workdir, data_dir, *extra):
+  return [sys.executable, os.path.join(REPO, 'tests', 'loop_run.py'), f'--workdir={workdir}',
+          *TINY_FLAGS, f'--config.data.workdir={data_dir}', *extra]
+
+
+def _env(cache, **hooks):
+  env = dict(os.environ, JAX_PLATFORMS='cpu', JAX_COMPILATION_CACHE_DIR=cache,
+             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0',
+             JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES='-1',
+             PYTHONPATH=REPO + os.pathsep + os.environ.get('PYTHONPATH', ''))
+  env.pop('XLA_FLAGS', None)
+  env.update({k: str(v) for k, v in hooks.items()})
+  return env
+
+
+def _run_train(workdir, data_dir, cache, *extra, **hooks):
+  return subprocess.run(_train_cmd(workdir, data_dir, *extra), env=_env(cache, **hooks),
+                        cwd=REPO, capture_output=True, text=True, timeout=300)
+
+
+def _popen(workdir, data_dir, cache, log_prefix, **hooks):
+  """Starts a run in the background; its stdout/stderr go to files (no pipe can fill up)."""
+  out, err = open(f'{log_prefix}.out', 'w'), open(f'{log_prefix}.err', 'w')
+  return subprocess.Popen(_train_cmd(workdir, data_dir), env=_env(cache, **hooks), cwd=REPO,
+                          stdout=out, stderr=err)
+
+
+def _read(path) -> str:
+  with open(path) as f:
+    return f.read()
+
+
+def _wait_for(predicate, proc, log_prefix, timeout=240.0):
+  deadline = time.time() + timeout
+  while time.time() < deadline:
+    if predicate():
+      return
+    if proc.poll() is not None:
+      raise AssertionError(f'run exited early ({proc.returncode}): '
+                           f'{_read(f"{log_prefix}.err")[-3000:]}')
+    time.sleep(0.1)
+  proc.kill()
+  raise AssertionError('timed out waiting for the run')
+
+
+def _started(workdir, min_step, checkpoint_step):
+  def check():
+    done = os.path.exists(os.path.join(workdir, 'checkpoints', str(checkpoint_step),
+                                       'commit_success.txt'))
+    return done and max(_train_losses(workdir) or [0]) >= min_step
+  return check
+
+
+def test_pretrain_sigkill_resume_is_bitwise_exact(tmp_path, tiny_data, compile_cache):
+  full = tmp_path / 'full'
+  result = _run_train(full, tiny_data, compile_cache)
+  assert result.returncode == 0, result.stderr[-3000:]
+  records = metrics.read_metrics(str(full))
+  assert any('eval/loss' in r for r in records) and any('train/loss' in r for r in records)
+  assert any(r.get('perf/peak_flops_per_sec') == 1e11 for r in records)
+  assert all(r['perf/mfu'] > 0 for r in records if 'train/loss' in r)
+  expected = _train_losses(full)
+  assert sorted(expected) == list(range(1, 25))
+  with open(full / 'config.json') as f:
+    assert json.load(f)['data']['workdir'] == tiny_data
+
+  # Killed with SIGKILL at step >= 11, after the step-8 checkpoint committed.
+  killed = tmp_path / 'killed'
+  log = str(tmp_path / 'killed_log')
+  proc = _popen(killed, tiny_data, compile_cache, log, STRATA_TEST_SLOW_AFTER=8)
+  _wait_for(_started(killed, 11, 8), proc, log)
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  before_restart = _train_losses(killed)
+  assert max(before_restart) >= 11
+  assert all(before_restart[s] == expected[s] for s in before_restart), (before_restart, expected)
+  assert checkpoint.Checkpointer(str(killed / 'checkpoints')).all_steps() == [8]
+
+  result = _run_train(killed, tiny_data, compile_cache)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert 'Resumed from checkpoint step 8' in result.stdout
+  resumed = _train_losses(killed)
+  assert sorted(resumed) == list(range(1, 25))
+  # Bitwise: float32 losses round-trip exactly through JSON.
+  assert [resumed[s] for s in range(9, 25)] == [expected[s] for s in range(9, 25)], (
+      resumed, expected)
+
+  # generate/evaluate open the run: params only, newest good step first.
+  from train import run_dir  # pylint: disable=g-import-not-at-top
+  config, model, params, _, _ = run_dir.load_run(str(killed))
+  assert config.checkpoint_step == 24 and model.config.d_model == 32
+  assert set(params) == set(jax.eval_shape(lambda: params))
+  _truncate_largest_array_file_of(str(killed / 'checkpoints' / '24'))
+  config, _, older, _, _ = run_dir.load_run(str(killed))
+  assert config.checkpoint_step == 16
+  assert not all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(params),
+                                                      jax.tree.leaves(older)))
+
+
+def _truncate_largest_array_file_of(step_dir: str) -> None:
+  files = [os.path.join(root, n) for root, _, names in os.walk(os.path.join(step_dir, 'state'))
+           for n in names if f'{os.sep}d{os.sep}' in os.path.join(root, n)]
+  largest = max(files, key=os.path.getsize)
+  with open(largest, 'r+b') as f:
+    f.truncate(os.path.getsize(largest) // 2)
+
+
+def test_pretrain_sigterm_saves_and_exits_cleanly(tmp_path, tiny_data, compile_cache):
+  workdir = tmp_path / 'run'
+  log = str(tmp_path / 'log')
+  proc = _popen(workdir, tiny_data, compile_cache, log, STRATA_TEST_SLOW_AFTER=2)
+  _wait_for(lambda: max(_train_losses(workdir) or [0]) >= 3, proc, log)
+  proc.send_signal(signal.SIGTERM)
+  proc.wait(timeout=120)
+  out, err = _read(f'{log}.out'), _read(f'{log}.err')
+  assert proc.returncode == 0, err[-3000:]
+  assert 'SIGTERM received' in out
+  steps = checkpoint.Checkpointer(str(workdir / 'checkpoints')).all_steps()
+  assert steps and steps[-1] >= 3 and steps[-1] < 24
+  assert '"reason": "preempted"' in out
+
+
+def test_pretrain_nan_stops_without_checkpoint(tmp_path, tiny_data, compile_cache):
+  workdir = tmp_path / 'run'
+  result = _run_train(workdir, tiny_data, compile_cache, STRATA_TEST_NAN_AT=16)
+  assert result.returncode == 1
+  assert 'Non-finite train/loss = nan at step 16' in result.stderr
+  assert 'last good checkpoint is step 8' in result.stderr
+  assert checkpoint.Checkpointer(str(workdir / 'checkpoints')).all_steps() == [8]

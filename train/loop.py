@@ -175,6 +175,8 @@ def run(*, workdir: str, loop_cfg: LoopConfig, train_step: Callable[[Any, Any], 
   if startup:
     writer.write(start_step, startup, print_line=False)
 
+  writer.message(f'Training from step {start_step} to {total or "the end of the data"} '
+                 f'({tokens_per_step or "?"} tokens/step); the first step compiles.')
   history: list[dict[str, Any]] = []
   last_checkpoint = checkpointer.latest_step() if start_step else None
   step = start_step
@@ -205,7 +207,8 @@ def run(*, workdir: str, loop_cfg: LoopConfig, train_step: Callable[[Any, Any], 
     interval['steps'] += 1
     if run_start is None:
       run_start, run_start_step = now, done_step
-    if done_step % loop_cfg.log_every == 0 or done_step == total:
+    # The first step is logged too: it shows compilation finished.
+    if done_step % loop_cfg.log_every == 0 or done_step in (total, start_step + 1):
       record = dict(host)
       step_time = (now - interval['start']) / interval['steps']
       record['perf/step_time'] = step_time
@@ -225,7 +228,7 @@ def run(*, workdir: str, loop_cfg: LoopConfig, train_step: Callable[[Any, Any], 
                    'loop/evals_since_best': evals_since_best})
     if checkpointer.save(step, state, loader_state, merged):
       last_checkpoint = step
-    interval['start'] = time.perf_counter()
+    interval.update(start=time.perf_counter(), steps=0)
 
   try:
     with _Preemption() as preemption:
@@ -264,7 +267,7 @@ def run(*, workdir: str, loop_cfg: LoopConfig, train_step: Callable[[Any, Any], 
           writer.message(f'eval step {step}: loss {result["loss"]:.4f} '
                          f'(perplexity {result["perplexity"]:.2f}, best {best_eval:.4f}'
                          f'{", improved" if improved else f", {evals_since_best} without improvement"})')
-          interval['start'] = time.perf_counter()
+          interval.update(start=time.perf_counter(), steps=0)
           if loop_cfg.checkpoint_best and improved and not is_last:
             save(eval_metrics)
           if loop_cfg.patience and evals_since_best >= loop_cfg.patience:

@@ -1,0 +1,172 @@
+"""Pre-training: next-token prediction on a prepared corpus, with the shared loop.
+
+`train(config, workdir)` is what `python -m train` runs:
+  1. writes `<workdir>/config.json` (with `data.workdir` made absolute, so
+     generate/evaluate find the data and tokenizer from any directory);
+  2. builds the embedded `stdlib` corpus first if its `DONE` marker is missing;
+  3. copies the tokenizer into the run (`<workdir>/tokenizer.model`);
+  4. builds the mesh, the model, the sharded state (or restores it), the
+     loaders and the jitted steps, and hands them to `train.loop.run`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from typing import Any
+
+from absl import logging
+import jax
+import ml_collections
+
+from data_pipeline import loader as loader_lib
+from model import config as model_config_lib
+from model import transformer
+from train import checkpoint as checkpoint_lib
+from train import loop
+from train import mesh as mesh_lib
+from train import mfu
+from train import state as state_lib
+from train import steps as steps_lib
+
+CONFIG_FILE = 'config.json'
+CHECKPOINT_DIR = 'checkpoints'
+TOKENIZER_FILE = 'tokenizer.model'
+
+
+def write_config(config: ml_collections.ConfigDict, workdir: str) -> None:
+  """`<workdir>/config.json`; a changed config on resume is kept as config.<n>.json."""
+  path = os.path.join(workdir, CONFIG_FILE)
+  text = config.to_json_best_effort(indent=2, sort_keys=True)
+  if jax.process_index() != 0:
+    return
+  if os.path.exists(path):
+    with open(path) as f:
+      previous = f.read()
+    if previous != text:
+      n = 1
+      while os.path.exists(os.path.join(workdir, f'config.{n}.json')):
+        n += 1
+      os.replace(path, os.path.join(workdir, f'config.{n}.json'))
+      logging.warning('The config differs from the run\'s previous one; that is now config.%d.json', n)
+  with open(path + '.tmp', 'w') as f:
+    f.write(text)
+  os.replace(path + '.tmp', path)
+
+
+def ensure_data(config: ml_collections.ConfigDict) -> None:
+  """Builds the embedded corpus if it is the configured one and is missing."""
+  data_workdir = config.data.workdir
+  if os.path.exists(os.path.join(data_workdir, 'DONE')):
+    return
+  if config.data.get('preset', None) == 'stdlib':
+    from data_pipeline import pipeline  # pylint: disable=g-import-not-at-top
+    print(f'Data in {data_workdir} is not prepared; building the stdlib corpus first.',
+          flush=True)
+    pipeline.ensure_prepared(data_workdir, preset='stdlib')
+    return
+  if not os.path.isdir(os.path.join(data_workdir, 'tfds')):
+    raise FileNotFoundError(
+        f'No prepared data in data.workdir={data_workdir} (no tfds/ and no DONE); run '
+        f'`python -m data_pipeline --config=configs/data.py:{config.data.get("preset", "files")} '
+        f'--workdir={data_workdir}` first.')
+
+
+def record_tokenizer(config: ml_collections.ConfigDict, workdir: str) -> str | None:
+  """Copies the data's tokenizer into the run and checks it fits the model's vocabulary."""
+  source = os.path.join(config.data.workdir, TOKENIZER_FILE)
+  if not os.path.exists(source):
+    logging.warning('No tokenizer at %s; generate/evaluate will need one.', source)
+    return None
+  from data_pipeline import tokenizer as tokenizer_lib  # pylint: disable=g-import-not-at-top
+  vocab_size = tokenizer_lib.Tokenizer.load(source).vocab_size
+  if vocab_size > config.model.vocab_size:
+    raise ValueError(
+        f'Tokenizer {source} has {vocab_size} pieces but model.vocab_size is '
+        f'{config.model.vocab_size}; set --config.model.vocab_size={vocab_size}.')
+  target = os.path.join(workdir, TOKENIZER_FILE)
+  if jax.process_index() == 0:
+    for suffix in ('.model', '.vocab'):
+      src = source[:-len('.model')] + suffix
+      if os.path.exists(src):
+        shutil.copyfile(src, target[:-len('.model')] + suffix)
+  return target
+
+
+def _peak_flops(mesh: jax.sharding.Mesh) -> tuple[float | None, dict[str, Any]]:
+  """Peak FLOP/s of the mesh's devices (table for TPU/GPU, a measured matmul on CPU)."""
+  devices = list(mesh.devices.flat)
+  try:
+    peak, source = mfu.peak_flops(devices)
+  except KeyError as e:   # an accelerator missing from the table: train without MFU
+    logging.warning('%s', e)
+    return None, {}
+  return peak, {'perf/peak_flops_per_sec': peak, 'perf/peak_source': source,
+                'perf/num_devices': len(devices)}
+
+
+def train(config: ml_collections.ConfigDict, workdir: str) -> loop.LoopResult:
+  """Pre-trains per `config` in `workdir`, resuming from its latest checkpoint."""
+  workdir = os.path.abspath(workdir)
+  os.makedirs(workdir, exist_ok=True)
+  with config.unlocked():
+    config.data.workdir = os.path.abspath(config.data.workdir)
+  write_config(config, workdir)
+  ensure_data(config)
+  record_tokenizer(config, workdir)
+
+  mesh = mesh_lib.make_mesh(config.mesh)
+  rules = mesh_lib.logical_rules(config.mesh)
+  model_cfg = model_config_lib.ModelConfig.from_config(config.model)
+  model = transformer.Transformer(model_cfg)
+  abstract_state, state_shardings = state_lib.abstract_state(config, model, mesh)
+  batch_sharding = mesh_lib.batch_sharding(mesh, rules)
+
+  if config.batch_size % jax.process_count():
+    raise ValueError(f'batch_size={config.batch_size} is not a multiple of the '
+                     f'{jax.process_count()} processes.')
+  local_batch_size = config.batch_size // jax.process_count()
+  data_dir = config.data.workdir
+  train_loader = loader_lib.make_loader(
+      data_dir, 'train', seq_len=config.seq_len, batch_size=local_batch_size, seed=config.seed,
+      num_epochs=config.num_epochs, shuffle=True)
+  to_global = lambda batch: loader_lib.global_batch(batch, batch_sharding)
+
+  train_step = steps_lib.make_train_step(config, model, mesh, state_shardings, batch_sharding)
+  eval_step = steps_lib.make_eval_step(config, model, mesh, state_shardings.params,
+                                       batch_sharding)
+  eval_steps = config.eval_steps if config.eval_steps and config.eval_steps > 0 else None
+  evaluate = None
+  if config.eval_every:
+    evaluate = loop.make_evaluator(
+        eval_step,
+        lambda: loader_lib.make_loader(
+            data_dir, 'validation', seq_len=config.seq_len, batch_size=local_batch_size,
+            seed=config.seed, num_epochs=1, shuffle=False, drop_remainder=False),
+        to_global, eval_steps)
+
+  peak, startup = _peak_flops(mesh)
+  startup['model/num_params'] = model_config_lib.num_params(model_cfg)
+  checkpointer = checkpoint_lib.Checkpointer(
+      os.path.join(workdir, CHECKPOINT_DIR), keep=config.keep_checkpoints)
+  # num_train_steps <= 0 with num_epochs set: train until the loader runs out.
+  loop_cfg = loop.LoopConfig.from_config(config)
+  try:
+    return loop.run(
+        workdir=workdir, loop_cfg=loop_cfg, train_step=train_step, train_loader=train_loader,
+        to_global=to_global, checkpointer=checkpointer,
+        init_state=lambda: state_lib.create_sharded_state(
+            config, model, mesh, jax.random.key(config.seed))[0],
+        abstract_state=abstract_state, evaluate=evaluate,
+        tokens_per_step=config.batch_size * config.seq_len,
+        flops_per_token=model_config_lib.flops_per_token(model_cfg, config.seq_len),
+        peak_flops=peak, startup_metrics=startup)
+  finally:
+    checkpointer.close()
+
+
+def summary(result: loop.LoopResult) -> str:
+  return json.dumps({'step': result.step, 'reason': result.reason,
+                     'best_eval_loss': result.best_eval_loss,
+                     'last_checkpoint': result.last_checkpoint})

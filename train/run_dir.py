@@ -1,0 +1,80 @@
+"""Opens a finished (or running) run directory for generation and evaluation.
+
+`load_run(workdir)` reads `<workdir>/config.json`, rebuilds the model, makes
+a mesh over the devices at hand (the run's own mesh if it fits, else every
+device on the FSDP axis) and restores only the parameters of a checkpoint,
+not the optimizer state.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+from absl import logging
+import jax
+import ml_collections
+
+from model import config as model_config_lib
+from model import transformer
+from train import checkpoint as checkpoint_lib
+from train import mesh as mesh_lib
+from train import state as state_lib
+
+CONFIG_FILE = 'config.json'
+CHECKPOINT_DIR = 'checkpoints'
+TOKENIZER_FILE = 'tokenizer.model'
+
+
+def load_config(workdir: str) -> ml_collections.ConfigDict:
+  path = os.path.join(workdir, CONFIG_FILE)
+  if not os.path.exists(path):
+    raise FileNotFoundError(f'{path} does not exist: is {workdir} a training run directory?')
+  with open(path) as f:
+    return ml_collections.ConfigDict(json.load(f))
+
+
+def tokenizer_path(config: ml_collections.ConfigDict, workdir: str) -> str | None:
+  """The run's copy of the tokenizer, else the one in its data workdir."""
+  for path in (os.path.join(workdir, TOKENIZER_FILE),
+               os.path.join(config.data.workdir, TOKENIZER_FILE)):
+    if os.path.exists(path):
+      return path
+  return None
+
+
+def _mesh_for(config: ml_collections.ConfigDict) -> jax.sharding.Mesh:
+  try:
+    return mesh_lib.make_mesh(config.mesh)
+  except ValueError as e:
+    # e.g. a run trained on a pod opened on a laptop: shard params over what is here.
+    logging.info('The run\'s mesh does not fit these devices (%s); using fsdp over all.', e)
+    config.mesh.update(dict(data=1, fsdp=-1, tensor=1, num_slices=1))
+    return mesh_lib.make_mesh(config.mesh)
+
+
+def load_run(workdir: str, step: int | None = None
+             ) -> tuple[ml_collections.ConfigDict, transformer.Transformer, Any, Any, jax.sharding.Mesh]:
+  """(config, model, params, tokenizer, mesh) of `workdir` at `step` (None = latest good).
+
+  `tokenizer` is None if neither the run nor its data workdir holds one.
+  `config.checkpoint_step` is set to the step whose params were restored.
+  """
+  workdir = os.path.abspath(workdir)
+  config = load_config(workdir)
+  model = transformer.Transformer(model_config_lib.ModelConfig.from_config(config.model))
+  mesh = _mesh_for(config)
+  abstract, _ = state_lib.abstract_state(config, model, mesh)
+  checkpointer = checkpoint_lib.Checkpointer(os.path.join(workdir, CHECKPOINT_DIR),
+                                             read_only=True)
+  restored_step, params = checkpointer.restore_params(step, abstract.params)
+  config.checkpoint_step = restored_step
+  tokenizer = None
+  path = tokenizer_path(config, workdir)
+  if path is not None:
+    from data_pipeline import tokenizer as tokenizer_lib  # pylint: disable=g-import-not-at-top
+    tokenizer = tokenizer_lib.Tokenizer.load(path)
+  else:
+    logging.warning('No tokenizer found for run %s.', workdir)
+  return config, model, params, tokenizer, mesh
