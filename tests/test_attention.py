@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import subprocess
 import sys
@@ -18,12 +19,17 @@ from model.rope import apply_rope
 from model.transformer import Transformer
 
 
+# One compile per shape instead of one per eager op.
+_xla_attention = jax.jit(attention.xla_attention)
+_apply_rope = jax.jit(apply_rope, static_argnums=2)
+
+
 def _qkv(batch=2, length=16, heads=4, kv_heads=2, head_dim=8, seed=0):
-  keys = jax.random.split(jax.random.key(seed), 3)
-  q = jax.random.normal(keys[0], (batch, length, heads, head_dim))
-  k = jax.random.normal(keys[1], (batch, length, kv_heads, head_dim))
-  v = jax.random.normal(keys[2], (batch, length, kv_heads, head_dim))
-  return q, k, v
+  # numpy, not jax.random: compiling the random bits costs more than the tests.
+  rng = np.random.default_rng(seed)
+  draw = lambda *shape: jnp.asarray(rng.standard_normal(shape), jnp.float32)
+  return (draw(batch, length, heads, head_dim), draw(batch, length, kv_heads, head_dim),
+          draw(batch, length, kv_heads, head_dim))
 
 
 def _mha_reference(q_BTNH, k_BSNH, v_BSNH, mask_BTS):
@@ -41,12 +47,11 @@ def _mha_reference(q_BTNH, k_BSNH, v_BSNH, mask_BTS):
 
 
 def test_rope_depends_only_on_position_difference():
-  q = jax.random.normal(jax.random.key(1), (1, 1, 1, 16))
-  k = jax.random.normal(jax.random.key(2), (1, 1, 1, 16))
+  q, k, _ = _qkv(batch=1, length=1, heads=1, kv_heads=1, head_dim=16)
 
   def score(pos_q, pos_k):
-    q_rot = apply_rope(q, jnp.array([[pos_q]]), 10000.0)
-    k_rot = apply_rope(k, jnp.array([[pos_k]]), 10000.0)
+    q_rot = _apply_rope(q, jnp.array([[pos_q]]), 10000.0)
+    k_rot = _apply_rope(k, jnp.array([[pos_k]]), 10000.0)
     return float(jnp.sum(q_rot * k_rot))
 
   for delta in (0, 3, 17):
@@ -55,7 +60,7 @@ def test_rope_depends_only_on_position_difference():
   # ...and it does depend on the difference (so the test would see a no-op RoPE).
   assert abs(score(3, 0) - score(0, 0)) > 1e-3
   # A rotation keeps the norm.
-  np.testing.assert_allclose(jnp.linalg.norm(apply_rope(q, jnp.array([[7]]), 10000.0)),
+  np.testing.assert_allclose(jnp.linalg.norm(_apply_rope(q, jnp.array([[7]]), 10000.0)),
                              jnp.linalg.norm(q), rtol=1e-5)
 
 
@@ -63,14 +68,14 @@ def test_gqa_with_all_kv_heads_equals_multi_head_attention():
   q, k, v = _qkv(heads=4, kv_heads=4)
   segments = jnp.array([[1] * 10 + [2] * 6, [1] * 16])
   mask = attention.segment_causal_mask(segments)
-  out = attention.xla_attention(q, k, v, mask)
+  out = _xla_attention(q, k, v, mask)
   np.testing.assert_allclose(out, _mha_reference(q, k, v, mask), rtol=1e-5, atol=1e-5)
 
 
 def test_gqa_equals_multi_head_attention_with_repeated_kv_heads():
   q, k, v = _qkv(heads=6, kv_heads=2)
   mask = attention.segment_causal_mask(jnp.ones((2, 16), jnp.int32))
-  out = attention.xla_attention(q, k, v, mask)
+  out = _xla_attention(q, k, v, mask)
   # Query head n uses kv head n // (N / K).
   k_rep, v_rep = jnp.repeat(k, 3, axis=2), jnp.repeat(v, 3, axis=2)
   np.testing.assert_allclose(out, _mha_reference(q, k_rep, v_rep, mask), rtol=1e-5, atol=1e-5)
@@ -79,25 +84,26 @@ def test_gqa_equals_multi_head_attention_with_repeated_kv_heads():
 def test_fully_masked_rows_are_finite():
   q, k, v = _qkv()
   mask = jnp.zeros((2, 16, 16), jnp.bool_)
-  out = attention.xla_attention(q, k, v, mask)
+  out = _xla_attention(q, k, v, mask)
   assert np.isfinite(np.asarray(out)).all()
-  grads = jax.grad(lambda q: attention.xla_attention(q, k, v, mask).sum())(q)
+  grads = jax.jit(jax.grad(lambda q: attention.xla_attention(q, k, v, mask).sum()))(q)
   assert np.isfinite(np.asarray(grads)).all()
 
 
 def test_jax_dot_product_attention_path_equals_reference():
   q, k, v = _qkv(heads=4, kv_heads=2)
   segments = jnp.array([[1] * 5 + [2] * 9 + [0] * 2, [0] * 3 + [1] * 13])
-  ref = attention.xla_attention(q, k, v, attention.segment_causal_mask(segments))
-  out = attention.dot_product_attention(q, k, v, segments, implementation='xla')
+  ref = _xla_attention(q, k, v, attention.segment_causal_mask(segments))
+  out = jax.jit(attention.dot_product_attention, static_argnums=4)(q, k, v, segments, 'xla')
   np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5)
 
 
 def test_splash_kernel_in_interpreter_equals_reference():
   q, k, v = _qkv(batch=2, length=128, heads=4, kv_heads=2, head_dim=64)
   segments = jnp.array([[1] * 50 + [2] * 70 + [0] * 8, [1] * 128])
-  ref = attention.xla_attention(q, k, v, attention.segment_causal_mask(segments))
-  out = attention.splash_attention(q, k, v, segments, interpret=True)
+  ref = _xla_attention(q, k, v, attention.segment_causal_mask(segments))
+  out = jax.jit(functools.partial(attention.splash_attention, interpret=True))(
+      q, k, v, segments)
   np.testing.assert_allclose(out, ref, rtol=1e-4, atol=1e-4)
 
 
@@ -151,10 +157,9 @@ _SHARDED_SPLASH = textwrap.dedent('''
   import flax.linen as nn
   import jax, jax.numpy as jnp, numpy as np
   from model import attention
-  keys = jax.random.split(jax.random.key(0), 3)
-  q = jax.random.normal(keys[0], (4, 128, 4, 64))
-  k = jax.random.normal(keys[1], (4, 128, 2, 64))
-  v = jax.random.normal(keys[2], (4, 128, 2, 64))
+  rng = np.random.default_rng(0)
+  q, k, v = (jnp.asarray(rng.standard_normal(s), jnp.float32)
+             for s in ((4, 128, 4, 64), (4, 128, 2, 64), (4, 128, 2, 64)))
   seg = jnp.array([[1] * 60 + [2] * 60 + [0] * 8] * 4)
   ref = attention.xla_attention(q, k, v, attention.segment_causal_mask(seg))
   rules = [('activation_batch', ('data', 'fsdp')), ('activation_heads', 'tensor')]

@@ -23,9 +23,24 @@ CFG1 = dataclasses.replace(CFG, num_layers=1)  # where depth does not matter: fa
 
 @functools.lru_cache(maxsize=None)
 def _init(cfg: ModelConfig, length: int = 12, batch: int = 2):
+  """Random parameters in the model's tree structure.
+
+  Drawn with numpy rather than `Transformer.init`: compiling the init's
+  random-number generation costs seconds per config, and the tests only need
+  generic values (norm scales away from 1 so the norms are exercised too).
+  """
   tokens = jnp.zeros((batch, length), jnp.int32)
-  init = jax.jit(lambda key: nn.unbox(Transformer(cfg).init(key, tokens)['params']))
-  return init(jax.random.key(0))
+  shapes = jax.eval_shape(lambda: nn.unbox(Transformer(cfg).init(jax.random.key(0), tokens)))
+  rng = np.random.default_rng(0)
+
+  def draw(path, leaf):
+    name = jax.tree_util.keystr(path)
+    if 'scale' in name:
+      return jnp.asarray(1.0 + 0.1 * rng.standard_normal(leaf.shape), leaf.dtype)
+    fan_in = cfg.vocab_size if 'embedding' in name else cfg.d_model
+    return jnp.asarray(rng.standard_normal(leaf.shape) / np.sqrt(fan_in), leaf.dtype)
+
+  return jax.tree_util.tree_map_with_path(draw, shapes['params'])
 
 
 @functools.lru_cache(maxsize=None)
@@ -43,7 +58,7 @@ def _apply(cfg: ModelConfig, params, tokens):
 
 
 def _tokens(seed: int, shape: tuple[int, ...]) -> jax.Array:
-  return jax.random.randint(jax.random.key(seed), shape, 1, CFG.vocab_size)
+  return jnp.asarray(np.random.default_rng(seed).integers(1, CFG.vocab_size, shape), jnp.int32)
 
 
 def test_causality():
@@ -110,8 +125,7 @@ def _scan_to_loop(params: dict, num_layers: int) -> dict:
 
 
 @pytest.mark.parametrize('scan_layers,remat_policy', [
-    (True, 'full'), (True, 'dots_saveable'), (True, 'save_attn_out'),
-    (False, 'none'), (False, 'full'),
+    (True, 'full'), (True, 'dots_saveable'), (False, 'full'),
 ])
 def test_scan_and_remat_do_not_change_loss_or_gradients(scan_layers, remat_policy):
   tokens = _tokens(5, (2, 9))
