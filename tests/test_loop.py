@@ -351,3 +351,16 @@ def test_pretrain_nan_stops_without_checkpoint(tmp_path, tiny_data, compile_cach
   assert 'Non-finite train/loss = nan at step 16' in result.stderr
   assert 'last good checkpoint is step 8' in result.stderr
   assert checkpoint.Checkpointer(str(workdir / 'checkpoints')).all_steps() == [8]
+
+
+def test_pretrain_num_epochs_sets_the_length(tmp_path, tiny_data, compile_cache):
+  from data_pipeline import loader as loader_lib  # pylint: disable=g-import-not-at-top
+  expected = loader_lib.make_loader(tiny_data, 'train', seq_len=32, batch_size=4,
+                                    num_epochs=1).num_batches
+  workdir = tmp_path / 'run'
+  result = _run_train(workdir, tiny_data, compile_cache, '--config.num_epochs=1',
+                      '--config.num_train_steps=0', '--config.checkpoint_every=0')
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert max(_train_losses(workdir)) == expected
+  assert f'"step": {expected}, "reason": "completed"' in result.stdout
+  assert checkpoint.Checkpointer(str(workdir / 'checkpoints')).latest_step() == expected

@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -150,8 +151,12 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> loop.LoopResult:
   startup['model/num_params'] = model_config_lib.num_params(model_cfg)
   checkpointer = checkpoint_lib.Checkpointer(
       os.path.join(workdir, CHECKPOINT_DIR), keep=config.keep_checkpoints)
-  # num_train_steps <= 0 with num_epochs set: train until the loader runs out.
   loop_cfg = loop.LoopConfig.from_config(config)
+  epoch_steps = getattr(train_loader, 'num_batches', None)   # set when num_epochs is finite
+  if epoch_steps is not None:
+    # Whichever ends first: num_train_steps (if > 0) or num_epochs over the data.
+    loop_cfg = dataclasses.replace(
+        loop_cfg, num_train_steps=min(loop_cfg.num_train_steps or epoch_steps, epoch_steps))
   try:
     return loop.run(
         workdir=workdir, loop_cfg=loop_cfg, train_step=train_step, train_loader=train_loader,
