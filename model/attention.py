@@ -14,12 +14,20 @@ Three interchangeable implementations of the attention core, chosen by
 - 'auto': splash on TPU, cudnn on GPU, xla otherwise (and xla wherever the
   faster kernel cannot take the shapes/dtype, with a logged warning).
 
-The platform is read from the mesh in context (`jax.set_mesh(mesh)`, or the
-older `with mesh:`), so a train step traced on a CPU host for a TPU topology
-(`jax.experimental.topologies`) picks the TPU kernel; with no mesh in context
-it is `jax.default_backend()`. The same mesh is what splash's `shard_map` uses.
-Asking explicitly for 'splash' or 'cudnn' on a platform without it is an error
-at trace time.
+The platform is read from the mesh in context at trace time
+(`jax.sharding.use_abstract_mesh(mesh.abstract_mesh)` as train/steps.py does,
+`jax.set_mesh(mesh)`, or the deprecated `with mesh:`), so a train step traced
+on a CPU host for a TPU topology (`jax.experimental.topologies`) picks the TPU
+kernel; with no mesh in context it is `jax.default_backend()`. The same mesh
+is what splash's `shard_map` uses, and the logical-axis rules in context
+(`nn.logical_axis_rules`) say how its batch and heads are split. No mesh is
+stored in the module or its config, so the model stays a pure function of its
+inputs. Asking explicitly for 'splash' or 'cudnn' on a platform without it is
+an error at trace time.
+
+The cudnn path has not been run on a GPU here (none was available): the
+segment mask reaches cuDNN as a [B, 1, T, T] bias, and whether a given cuDNN
+version takes that bias shape in the backward pass is unverified.
 
 Letters: B batch, T query length, S key length, D d_model, N query heads,
 K key/value heads, G = N // K query heads per kv head, H head dim.
