@@ -71,15 +71,26 @@ def evaluate_split(config: Any, model: Any, params: Any, mesh: jax.sharding.Mesh
   # loader pads), so the collective eval step runs equally often everywhere.
   bar = tqdm.tqdm(total=getattr(loader, 'num_batches', None), unit='batch',
                   desc=f'eval {split}', disable=not progress or jax.process_index() != 0)
+  in_flight = []
+
+  def step_and_count(params, batch):
+    # Dispatch is asynchronous: count a batch when it is computed, keeping one
+    # batch in flight so the host never idles the device.
+    out = eval_step(params, batch)
+    if in_flight:
+      jax.block_until_ready(in_flight.pop())
+      bar.update()
+    in_flight.append(out)
+    return out
 
   def batches():
     for local in loader:
-      bar.update()
       yield loader_lib.global_batch(local, batch_sharding)
 
   start = time.perf_counter()
   with bar:
-    result = steps_lib.evaluate_batches(eval_step, params, batches())
+    result = steps_lib.evaluate_batches(step_and_count, params, batches())
+    bar.update(len(in_flight))
   seconds = time.perf_counter() - start
 
   nats, num_tokens = result['nats'], int(result['num_tokens'])
