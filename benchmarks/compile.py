@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 import sys
 import time
 from typing import Any, Sequence
@@ -112,8 +113,37 @@ def compile_train_step(config: Any, devices: Sequence[jax.Device]) -> dict[str, 
   step = steps_lib.make_train_step(config, model, mesh, state_shardings, batch_sharding)
   lowered = step.lower(abstract_state, abstract_batch(config, batch_sharding))
   lower_seconds = time.perf_counter() - start
+  num_params = sum(math.prod(x.shape) for x in jax.tree.leaves(abstract_state.params))
+  data_parallel = mesh.shape['data'] * mesh.shape['fsdp']
+  report = {
+      'num_devices': len(devices),
+      'mesh': dict(mesh.shape),
+      'num_params': int(num_params),
+      'global_batch': int(config.batch_size),
+      'batch_per_chip': config.batch_size / len(devices),
+      'batch_per_data_shard': config.batch_size / data_parallel,
+      'seq_len': int(config.seq_len),
+      'remat_policy': model_cfg.remat_policy,
+      'attention_impl': model_cfg.attention_impl,
+      'dtype': model_cfg.dtype,
+      'grad_accum_steps': int(config.optimizer.grad_accum_steps),
+      'lower_seconds': round(lower_seconds, 2),
+  }
   start, start_cpu = time.perf_counter(), time.process_time()
-  compiled = lowered.compile()
+  try:
+    compiled = lowered.compile()
+  except jax.errors.JaxRuntimeError as e:
+    # The TPU compiler refuses a program whose buffers exceed HBM; that is an
+    # answer ("does not fit"), not a failure of this tool.
+    message = str(e).strip().splitlines()[0]
+    if 'RESOURCE_EXHAUSTED' not in message:
+      raise
+    required = re.search(r'required for [^(]*\(([0-9.]+)G\)', message)
+    report.update(fits=False, compile_error=message[:500],
+                  required_gib=float(required.group(1)) if required else None,
+                  compile_seconds=round(time.perf_counter() - start, 2),
+                  compile_cpu_seconds=round(time.process_time() - start_cpu, 2))
+    return report
   compile_seconds = time.perf_counter() - start
   # CPU time too: wall time on a shared or small host says little.
   compile_cpu_seconds = time.process_time() - start_cpu
@@ -131,27 +161,14 @@ def compile_train_step(config: Any, devices: Sequence[jax.Device]) -> dict[str, 
   }
   sizes['total'] = (sizes['argument'] + sizes['output'] - sizes['alias'] + sizes['temp']
                     + sizes['generated_code'])
-  num_params = sum(math.prod(x.shape) for x in jax.tree.leaves(abstract_state.params))
-  data_parallel = mesh.shape['data'] * mesh.shape['fsdp']
-  return {
-      'num_devices': len(devices),
-      'mesh': dict(mesh.shape),
-      'num_params': int(num_params),
-      'global_batch': int(config.batch_size),
-      'batch_per_chip': config.batch_size / len(devices),
-      'batch_per_data_shard': config.batch_size / data_parallel,
-      'seq_len': int(config.seq_len),
-      'remat_policy': model_cfg.remat_policy,
-      'attention_impl': model_cfg.attention_impl,
-      'dtype': model_cfg.dtype,
+  report.update({
       'tpu_custom_calls': tpu_custom_calls,
-      'grad_accum_steps': int(config.optimizer.grad_accum_steps),
       'bytes_per_chip': sizes,
       'gib_per_chip': {k: round(v / GiB, 3) for k, v in sizes.items()},
-      'lower_seconds': round(lower_seconds, 2),
       'compile_seconds': round(compile_seconds, 2),
       'compile_cpu_seconds': round(compile_cpu_seconds, 2),
-  }
+  })
+  return report
 
 
 def run(config: Any, topology: str, *, num_slices: int = 1, chip_config_name: str = 'default',
@@ -169,7 +186,8 @@ def run(config: Any, topology: str, *, num_slices: int = 1, chip_config_name: st
   report.update(compile_train_step(config, devices))
   hbm = hbm_bytes(topology)
   report['hbm_per_chip_gib'] = None if hbm is None else round(hbm / GiB, 1)
-  report['fits'] = None if hbm is None else report['bytes_per_chip']['total'] <= hbm
+  if 'fits' not in report:
+    report['fits'] = None if hbm is None else report['bytes_per_chip']['total'] <= hbm
   return report
 
 
@@ -186,8 +204,10 @@ def main(argv: Sequence[str]) -> None:
     with open(_OUTPUT.value, 'w') as f:
       f.write(text + '\n')
   if report['fits'] is False:
-    print(f"does not fit: {report['gib_per_chip']['total']} GiB per chip > "
-          f"{report['hbm_per_chip_gib']} GiB HBM", file=sys.stderr)
+    needed = report['gib_per_chip']['total'] if 'gib_per_chip' in report else \
+        f"{report.get('required_gib')} (temporaries alone)"
+    print(f"does not fit: {needed} GiB per chip > {report['hbm_per_chip_gib']} GiB HBM",
+          file=sys.stderr)
 
 
 if __name__ == '__main__':
