@@ -48,7 +48,11 @@ _TOPOLOGY = flags.DEFINE_string(
     'topology', 'v5p:2x2x1', 'GENERATION:SHAPE of one slice, e.g. v4:2x2x1, v5p:4x4x4, v5e:4x4.')
 _NUM_SLICES = flags.DEFINE_integer(
     'num_slices', 1, 'Slices joined over DCN; the mesh puts `data` across them.')
-_CHIP_CONFIG = flags.DEFINE_string('chip_config_name', 'default', 'libtpu chip config name.')
+_CHIP_CONFIG = flags.DEFINE_string(
+    'chip_config_name', '', "libtpu chip config; '' = 'megacore' on v4/v5p (one device per "
+    "chip, as on a real VM), else 'default'.")
+_CHIPS_PER_HOST = flags.DEFINE_list(
+    'chips_per_host_bounds', [], 'e.g. 1,1,1 for slices smaller than a host (v5e:1x1).')
 _ATTENTION = flags.DEFINE_string(
     'attention_impl', 'splash', "Overrides model.attention_impl ('' keeps the config's).")
 _OUTPUT = flags.DEFINE_string('output', None, 'Also write the JSON to this file.')
@@ -67,14 +71,20 @@ def hbm_bytes(topology: str) -> int | None:
   return HBM_BYTES.get(generation(topology))
 
 
-def topology_devices(topology: str, num_slices: int = 1,
-                     chip_config_name: str = 'default') -> list[jax.Device]:
+def topology_devices(topology: str, num_slices: int = 1, chip_config_name: str = '',
+                     chips_per_host_bounds: Sequence[int] = ()) -> list[jax.Device]:
   """Compile-only devices of a TPU topology (needs libtpu, not a TPU)."""
   from jax.experimental import topologies  # pylint: disable=g-import-not-at-top
+  if not chip_config_name:
+    # v4 and v5p chips have two TensorCores that JAX drives as one device.
+    chip_config_name = 'megacore' if generation(topology) in ('v4', 'v5p') else 'default'
+  kwargs = {}
+  if chips_per_host_bounds:
+    kwargs['chips_per_host_bounds'] = tuple(int(x) for x in chips_per_host_bounds)
   try:
     desc = topologies.get_topology_desc(
         platform='tpu', topology_name=topology, chip_config_name=chip_config_name,
-        num_slices=num_slices)
+        num_slices=num_slices, **kwargs)
   except RuntimeError as e:
     if 'TPU support not installed' in str(e) or 'libtpu' in str(e).lower():
       raise RuntimeError(
@@ -171,7 +181,8 @@ def compile_train_step(config: Any, devices: Sequence[jax.Device]) -> dict[str, 
   return report
 
 
-def run(config: Any, topology: str, *, num_slices: int = 1, chip_config_name: str = 'default',
+def run(config: Any, topology: str, *, num_slices: int = 1, chip_config_name: str = '',
+        chips_per_host_bounds: Sequence[int] = (),
         attention_impl: str = 'splash') -> dict[str, Any]:
   """The report for `config` compiled for `num_slices` slices of `topology`."""
   config = config.copy_and_resolve_references() if hasattr(config, 'copy_and_resolve_references') \
@@ -180,7 +191,7 @@ def run(config: Any, topology: str, *, num_slices: int = 1, chip_config_name: st
     if attention_impl:
       config.model.attention_impl = attention_impl
     config.mesh.num_slices = num_slices
-  devices = topology_devices(topology, num_slices, chip_config_name)
+  devices = topology_devices(topology, num_slices, chip_config_name, chips_per_host_bounds)
   report = {'preset': config.get('preset'), 'topology': topology, 'num_slices': num_slices,
             'device_kind': devices[0].device_kind}
   report.update(compile_train_step(config, devices))
@@ -197,7 +208,8 @@ def main(argv: Sequence[str]) -> None:
   # The host's own backend stays CPU: libtpu is used for compiling only.
   jax.config.update('jax_platforms', 'cpu')
   report = run(_CONFIG.value, _TOPOLOGY.value, num_slices=_NUM_SLICES.value,
-               chip_config_name=_CHIP_CONFIG.value, attention_impl=_ATTENTION.value)
+               chip_config_name=_CHIP_CONFIG.value,
+               chips_per_host_bounds=_CHIPS_PER_HOST.value, attention_impl=_ATTENTION.value)
   text = json.dumps(report, indent=2)
   print(text, flush=True)
   if _OUTPUT.value:

@@ -76,3 +76,22 @@ def test_small_train_step_compiles_for_v5p_2x2x1_with_splash(tmp_path):
   assert sizes['argument'] >= 3 * report['num_params'] * 4
   assert sizes['temp'] > 0 and sizes['total'] > sizes['argument']
   assert report['hbm_per_chip_gib'] == 95.0 and report['fits'] is True
+
+
+def test_a_config_that_does_not_fit_reports_fits_false(tmp_path):
+  python = _tpu_python()
+  if python is None:
+    pytest.skip("libtpu is not installed (pip install -e '.[tpu]', or set STRATA_TPU_PYTHON).")
+  out = tmp_path / 'compile.json'
+  env = dict(os.environ, JAX_PLATFORMS='cpu', PYTHONPATH=REPO)
+  # 1024 rows of 512 tokens on one 16 GiB v5e chip: the logits alone need more.
+  proc = subprocess.run(
+      [python, '-m', 'benchmarks.compile',
+       '--config=configs/pretrain.py:tiny,batch_size=1024,seq_len=512,model.max_len=512',
+       '--topology=v5e:1x1', '--chips_per_host_bounds=1,1,1', f'--output={out}'],
+      cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-5000:]
+  report = json.loads(out.read_text())
+  assert report['fits'] is False and report['hbm_per_chip_gib'] == 16.0
+  assert report['required_gib'] > 16.0
+  assert 'does not fit' in proc.stderr
