@@ -94,7 +94,7 @@ def test_corrupt_latest_falls_back_to_previous(tmp_path, capsys, damage):
   elif damage == 'commit_marker':
     os.remove(os.path.join(step_dir, 'commit_success.txt'))
   else:
-    os.remove(os.path.join(step_dir, 'loader', 'metadata'))
+    os.remove(os.path.join(step_dir, 'loader', 'process_0-of-1.json'))
 
   ckpt = checkpoint.Checkpointer(directory, keep=3)
   state, loader_state = ckpt.restore_latest(_abstract())
@@ -108,6 +108,21 @@ def test_corrupt_latest_falls_back_to_previous(tmp_path, capsys, damage):
   assert os.listdir(directory + '.corrupt')
   assert ckpt.save(2, _state(2), {'index': 2})
   ckpt.close()
+
+
+def test_loader_state_of_another_process_count_is_not_applied(tmp_path, capsys):
+  directory = str(tmp_path / 'ckpt')
+  ckpt = checkpoint.Checkpointer(directory)
+  ckpt.save(4, _state(4), {'index': 4})
+  ckpt.close()
+  loader_dir = os.path.join(directory, '4', 'loader')
+  assert 'process_0-of-1.json' in os.listdir(loader_dir)
+  os.rename(os.path.join(loader_dir, 'process_0-of-1.json'),
+            os.path.join(loader_dir, 'process_1-of-2.json'))
+  state, loader_state = checkpoint.Checkpointer(directory).restore_latest(_abstract())
+  _assert_state_equal(state, _state(4))
+  assert loader_state is None
+  assert 'starts from the beginning' in capsys.readouterr().err
 
 
 def test_restore_params_only(tmp_path):

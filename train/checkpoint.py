@@ -4,8 +4,8 @@ One step directory holds three items:
   `state`:  the train state (params, opt_state, step, rng), saved with
             `StandardSave` and restored onto the shardings of an abstract
             target, so a checkpoint written on one mesh restores on another;
-  `loader`: the data iterator's JSON state, so a resumed run sees exactly the
-            batches an uninterrupted one would;
+  `loader`: each process's data-iterator state (JSON, one file per process),
+            so a resumed run sees exactly the batches an uninterrupted one would;
   `meta`:   JSON with the step and the metrics logged with it.
 
 Saves are asynchronous (the device keeps training while the host writes); call
@@ -19,6 +19,7 @@ moved aside to `<directory>.corrupt/`, and the previous good step is restored.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -41,9 +42,63 @@ REQUIRED_FILES = (
     'commit_success.txt',
     f'{STATE}/_METADATA',
     f'{STATE}/manifest.ocdbt',
-    f'{LOADER}/metadata',
     f'{META}/metadata',
 )
+
+
+def _loader_file(process_index: int, process_count: int) -> str:
+  return f'process_{process_index}-of-{process_count}.json'
+
+
+class LoaderStateHandler(ocp.CheckpointHandler):
+  """Each process's loader state in its own JSON file.
+
+  Every process reads its own shard of the data, so each has its own
+  iterator position; Orbax's JsonSave would keep only the primary's.
+  """
+
+  def save(self, directory, args: LoaderSave) -> None:
+    path = os.path.join(os.fspath(directory),
+                        _loader_file(jax.process_index(), jax.process_count()))
+    with open(path, 'w') as f:
+      json.dump(args.state, f)
+
+  def restore(self, directory, args: LoaderRestore | None = None) -> dict[str, Any] | None:
+    """This process's state; None if the checkpoint was written by another process count."""
+    del args
+    directory = os.fspath(directory)
+    path = os.path.join(directory, _loader_file(jax.process_index(), jax.process_count()))
+    if not os.path.exists(path):
+      others = sorted(n for n in os.listdir(directory) if n.startswith('process_'))
+      if not others:
+        raise FileNotFoundError(f'missing file {LOADER}/{os.path.basename(path)}')
+      print(f'WARNING: {directory} holds the loader state of other processes ({others}); '
+            f'this is process {jax.process_index()} of {jax.process_count()}, so the data '
+            'iterator starts from the beginning.', file=sys.stderr, flush=True)
+      return None
+    with open(path) as f:
+      return json.load(f)
+
+  def metadata(self, directory) -> None:
+    return None
+
+  def finalize(self, directory) -> None:
+    pass
+
+  def close(self) -> None:
+    pass
+
+
+@ocp.args.register_with_handler(LoaderStateHandler, for_save=True)
+@dataclasses.dataclass
+class LoaderSave(ocp.args.CheckpointArgs):
+  state: dict[str, Any]
+
+
+@ocp.args.register_with_handler(LoaderStateHandler, for_restore=True)
+@dataclasses.dataclass
+class LoaderRestore(ocp.args.CheckpointArgs):
+  pass
 
 
 class CheckpointError(RuntimeError):
@@ -135,7 +190,7 @@ class Checkpointer:
     meta = {'step': step, 'metrics': metrics, 'saved_at': time.time()}
     args = ocp.args.Composite(**{
         STATE: ocp.args.StandardSave(state),
-        LOADER: ocp.args.JsonSave(loader_state or {}),
+        LOADER: LoaderSave(loader_state or {}),
         META: ocp.args.JsonSave(meta),
     })
     return self._manager.save(step, args=args, metrics=metrics, force=True)
@@ -167,12 +222,14 @@ class Checkpointer:
 
     `abstract_state` is the train state as a pytree of `jax.ShapeDtypeStruct`
     with `sharding` set (e.g. from `jax.eval_shape` plus the state shardings).
-    Returns (state, loader_state); raises CheckpointError if unreadable.
+    Returns (state, loader_state); loader_state is this process's, or None if
+    the step was written by a different number of processes. Raises
+    CheckpointError if the step is unreadable.
     """
     self.check_step(step)
     args = ocp.args.Composite(**{
         STATE: ocp.args.StandardRestore(abstract_state),
-        LOADER: ocp.args.JsonRestore(),
+        LOADER: LoaderRestore(),
         META: ocp.args.JsonRestore(),
     })
     try:
@@ -182,7 +239,7 @@ class Checkpointer:
       raise CheckpointError(
           f'Checkpoint step {step} at {self.step_dir(step)} is corrupt or unreadable: '
           f'{type(e).__name__}: {first_line}') from e
-    return restored[STATE], dict(restored[LOADER] or {})
+    return restored[STATE], restored[LOADER]
 
   def restore_latest(self, abstract_state: Any) -> tuple[Any, dict[str, Any]] | None:
     """Restores the newest good step; None if the directory holds none.

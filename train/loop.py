@@ -115,19 +115,43 @@ def restore_or_init(checkpointer: checkpoint_lib.Checkpointer, loader: Any,
 
 
 class _Preemption:
-  """Turns SIGTERM into a flag the loop polls at step boundaries."""
+  """Preemption notice, polled at step boundaries.
+
+  One process: SIGTERM sets a flag. Several processes: JAX's preemption sync
+  service (it catches SIGTERM itself) names one step at which every process
+  saves, so no process waits in a collective for one that has left.
+  """
 
   def __init__(self):
     self.requested = False
     self._previous = None
+    self._multiprocess = jax.process_count() > 1
 
   def __enter__(self) -> _Preemption:
+    if self._multiprocess and self._sync_service_available():
+      return self
+    self._multiprocess = False
     if threading.current_thread() is threading.main_thread():
       self._previous = signal.signal(signal.SIGTERM, self._handle)
     return self
 
+  @staticmethod
+  def _sync_service_available() -> bool:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    try:
+      multihost_utils.reached_preemption_sync_point(-1)
+      return True
+    except RuntimeError:
+      return False
+
   def _handle(self, signum, frame) -> None:  # pylint: disable=unused-argument
     self.requested = True
+
+  def reached(self, step: int) -> bool:
+    if self._multiprocess:
+      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+      self.requested = self.requested or multihost_utils.reached_preemption_sync_point(step)
+    return self.requested
 
   def __exit__(self, *exc) -> None:
     if self._previous is not None:
@@ -188,10 +212,10 @@ def run(*, workdir: str, loop_cfg: LoopConfig, train_step: Callable[[Any, Any], 
   reason = 'completed'
   eval_metrics: dict[str, Any] = {}
 
-  def eta() -> float | None:
-    if not total or run_start is None or step <= run_start_step:
+  def eta(done_step: int) -> float | None:
+    if not total or run_start is None or done_step <= run_start_step:
       return None
-    return (time.perf_counter() - run_start) / (step - run_start_step) * (total - step)
+    return (time.perf_counter() - run_start) / (done_step - run_start_step) * (total - done_step)
 
   def read_pending() -> None:
     """Reads the pending step's metrics, checks them and logs on log steps."""
@@ -217,7 +241,7 @@ def run(*, workdir: str, loop_cfg: LoopConfig, train_step: Callable[[Any, Any], 
         record['perf/tokens_per_sec'] = tokens_per_step / step_time
         if flops_per_token and peak_flops:
           record['perf/mfu'] = flops_per_token * tokens_per_step / step_time / peak_flops
-      history.append(writer.write(done_step, record, eta_seconds=eta()))
+      history.append(writer.write(done_step, record, eta_seconds=eta(done_step)))
       interval.update(start=time.perf_counter(), steps=0)
 
   def save(metrics: Mapping[str, Any]) -> None:
@@ -233,7 +257,7 @@ def run(*, workdir: str, loop_cfg: LoopConfig, train_step: Callable[[Any, Any], 
   try:
     with _Preemption() as preemption:
       while total is None or step < total:
-        if preemption.requested:
+        if preemption.reached(step):
           reason = 'preempted'
           writer.message(f'SIGTERM received: saving a checkpoint at step {step} and exiting.')
           break
