@@ -27,7 +27,8 @@ NEW = 10
 @pytest.fixture(scope='module')
 def model_and_params():
   model = Transformer(CFG)
-  params = nn.unbox(model.init(jax.random.key(0), jnp.zeros((1, 4), jnp.int32))['params'])
+  init = jax.jit(model.init)
+  params = nn.unbox(init(jax.random.key(0), jnp.zeros((1, 4), jnp.int32))['params'])
   return model, params
 
 
@@ -135,7 +136,7 @@ _SHARDED = textwrap.dedent('''
     cfg = ModelConfig(vocab_size=64, d_model=32, num_layers=2, num_heads=4, num_kv_heads=2,
                       head_dim=8, mlp_dim=64, max_len=64)
     model = Transformer(cfg)
-    boxed = model.init(jax.random.key(0), jnp.zeros((1, 4), jnp.int32))['params']
+    boxed = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, 4), jnp.int32))['params']
     params = nn.unbox(boxed)
     mesh_cfg = ml_collections.ConfigDict(dict(data=2, fsdp=2, tensor=2, num_slices=1,
                                              rules_preset='fsdp_tp', rules=()))

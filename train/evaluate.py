@@ -129,12 +129,19 @@ def _data_dir(config: Any, workdir: str, override: str | None) -> str:
 
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string('workdir', None, 'Run directory (config.json, checkpoints/).')
-flags.DEFINE_string('split', 'test', 'Split to evaluate: train, validation or test.')
-flags.DEFINE_integer('step', None, 'Checkpoint step (default: the latest).')
-flags.DEFINE_string('data_dir', None, 'Data workdir (default: the run\'s data.workdir).')
-flags.DEFINE_integer('seq_len', None, 'Row length (default: the run\'s seq_len).')
-flags.DEFINE_integer('batch_size', None, 'Global batch size (default: the run\'s).')
+
+
+def define_flags() -> None:
+  """Defines the command-line flags; called only when run as a program.
+
+  So importing this module next to other entry points never defines a flag twice.
+  """
+  flags.DEFINE_string('workdir', None, 'Run directory (config.json, checkpoints/).')
+  flags.DEFINE_string('split', 'test', 'Split to evaluate: train, validation or test.')
+  flags.DEFINE_integer('step', None, 'Checkpoint step (default: the latest).')
+  flags.DEFINE_string('data_dir', None, 'Data workdir (default: the run\'s data.workdir).')
+  flags.DEFINE_integer('seq_len', None, 'Row length (default: the run\'s seq_len).')
+  flags.DEFINE_integer('batch_size', None, 'Global batch size (default: the run\'s).')
 
 
 def main(argv: Sequence[str]) -> None:
@@ -164,5 +171,6 @@ def main(argv: Sequence[str]) -> None:
 
 
 if __name__ == '__main__':
+  define_flags()
   flags.mark_flag_as_required('workdir')
   app.run(main)

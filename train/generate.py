@@ -97,17 +97,24 @@ def format_sample(sample: dict[str, Any], index: int, total: int) -> str:
 
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string('workdir', None, 'Run directory (config.json, checkpoints/).')
-flags.DEFINE_multi_string('prompt', [], 'A prompt; repeat the flag for several.')
-flags.DEFINE_string('prompts_file', None, 'A file with one prompt per line.')
-flags.DEFINE_integer('max_new_tokens', 64, 'Tokens to generate per sample (at most).')
-flags.DEFINE_integer('num_samples', 1, 'Samples per prompt.')
-flags.DEFINE_integer('seed', 0, 'Sampling seed.')
-flags.DEFINE_integer('step', None, 'Checkpoint step (default: the latest).')
-flags.DEFINE_float('temperature', 0.8, 'Softmax temperature; 0 means greedy.')
-flags.DEFINE_integer('top_k', 0, 'Keep the k most likely tokens; 0 keeps all.')
-flags.DEFINE_float('top_p', 0.95, 'Nucleus sampling mass; 1 keeps all.')
-flags.DEFINE_bool('greedy', False, 'Always take the most likely token.')
+
+
+def define_flags() -> None:
+  """Defines the command-line flags; called only when run as a program.
+
+  So importing this module next to other entry points never defines a flag twice.
+  """
+  flags.DEFINE_string('workdir', None, 'Run directory (config.json, checkpoints/).')
+  flags.DEFINE_multi_string('prompt', [], 'A prompt; repeat the flag for several.')
+  flags.DEFINE_string('prompts_file', None, 'A file with one prompt per line.')
+  flags.DEFINE_integer('max_new_tokens', 64, 'Tokens to generate per sample (at most).')
+  flags.DEFINE_integer('num_samples', 1, 'Samples per prompt.')
+  flags.DEFINE_integer('seed', 0, 'Sampling seed.')
+  flags.DEFINE_integer('step', None, 'Checkpoint step (default: the latest).')
+  flags.DEFINE_float('temperature', 0.8, 'Softmax temperature; 0 means greedy.')
+  flags.DEFINE_integer('top_k', 0, 'Keep the k most likely tokens; 0 keeps all.')
+  flags.DEFINE_float('top_p', 0.95, 'Nucleus sampling mass; 1 keeps all.')
+  flags.DEFINE_bool('greedy', False, 'Always take the most likely token.')
 
 
 def main(argv: Sequence[str]) -> None:
@@ -133,5 +140,6 @@ def main(argv: Sequence[str]) -> None:
 
 
 if __name__ == '__main__':
+  define_flags()
   flags.mark_flag_as_required('workdir')
   app.run(main)

@@ -176,8 +176,15 @@ def plot_run(workdir: str, out_dir: str | None = None) -> list[str]:
 
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string('workdir', None, 'Run directory holding metrics.jsonl.')
-flags.DEFINE_string('out_dir', None, 'Where to write the PNGs (default: <workdir>/plots).')
+
+
+def define_flags() -> None:
+  """Defines the command-line flags; called only when run as a program.
+
+  So importing this module next to other entry points never defines a flag twice.
+  """
+  flags.DEFINE_string('workdir', None, 'Run directory holding metrics.jsonl.')
+  flags.DEFINE_string('out_dir', None, 'Where to write the PNGs (default: <workdir>/plots).')
 
 
 def main(argv: Sequence[str]) -> None:
@@ -188,5 +195,6 @@ def main(argv: Sequence[str]) -> None:
 
 
 if __name__ == '__main__':
+  define_flags()
   flags.mark_flag_as_required('workdir')
   app.run(main)
