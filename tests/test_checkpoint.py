@@ -75,7 +75,8 @@ def test_keeps_latest_n_plus_best_eval_loss(tmp_path):
 def _truncate_largest_array_file(step_dir: str) -> None:
   files = []
   for root, _, names in os.walk(os.path.join(step_dir, 'state')):
-    files += [os.path.join(root, n) for n in names if os.sep + 'd' + os.sep in os.path.join(root, n)]
+    # Array data lives in the OCDBT `d/` folders.
+    files += [os.path.join(root, n) for n in names if os.path.basename(root) == 'd']
   largest = max(files, key=os.path.getsize)
   with open(largest, 'r+b') as f:
     f.truncate(os.path.getsize(largest) // 2)
@@ -130,7 +131,8 @@ def test_restore_params_only(tmp_path):
   ckpt.save(5, _state(5), {})
   ckpt.close()
   abstract_params = _abstract().params
-  step, params = checkpoint.Checkpointer(str(tmp_path / 'ckpt')).restore_params(None, abstract_params)
+  reader = checkpoint.Checkpointer(str(tmp_path / 'ckpt'))
+  step, params = reader.restore_params(None, abstract_params)
   assert step == 5
   np.testing.assert_array_equal(np.asarray(params['w']), np.asarray(_state(5).params['w']))
 

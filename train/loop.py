@@ -104,7 +104,10 @@ def make_evaluator(eval_step: Callable[[Any, Any], Mapping[str, jax.Array]],
 
 def restore_or_init(checkpointer: checkpoint_lib.Checkpointer, loader: Any,
                     init_state: Callable[[], Any], abstract_state: Any) -> tuple[Any, int]:
-  """The newest good checkpoint (state + loader position) or a fresh state; returns (state, step)."""
+  """The newest good checkpoint (state + loader position), else a fresh state.
+
+  Returns (state, step).
+  """
   restored = checkpointer.restore_latest(abstract_state)
   if restored is None:
     return init_state(), 0
@@ -287,10 +290,13 @@ def run(*, workdir: str, loop_cfg: LoopConfig, train_step: Callable[[Any, Any], 
             evals_since_best += 1
           eval_metrics['eval/best_loss'] = best_eval
           eval_metrics['eval/time'] = time.perf_counter() - t0
-          history.append(writer.write(step, eval_metrics, print_line=False))
+          record = dict(eval_metrics)
+          if tokens_per_step:
+            record['tokens'] = step * tokens_per_step
+          history.append(writer.write(step, record, print_line=False))
+          trend = 'improved' if improved else f'{evals_since_best} without improvement'
           writer.message(f'eval step {step}: loss {result["loss"]:.4f} '
-                         f'(perplexity {result["perplexity"]:.2f}, best {best_eval:.4f}'
-                         f'{", improved" if improved else f", {evals_since_best} without improvement"})')
+                         f'(perplexity {result["perplexity"]:.2f}, best {best_eval:.4f}, {trend})')
           interval.update(start=time.perf_counter(), steps=0)
           if loop_cfg.checkpoint_best and improved and not is_last:
             save(eval_metrics)

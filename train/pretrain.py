@@ -50,7 +50,7 @@ def write_config(config: ml_collections.ConfigDict, workdir: str) -> None:
       while os.path.exists(os.path.join(workdir, f'config.{n}.json')):
         n += 1
       os.replace(path, os.path.join(workdir, f'config.{n}.json'))
-      logging.warning('The config differs from the run\'s previous one; that is now config.%d.json', n)
+      logging.warning('The config differs from the run\'s previous one, kept as config.%d.json', n)
   with open(path + '.tmp', 'w') as f:
     f.write(text)
   os.replace(path + '.tmp', path)

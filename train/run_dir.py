@@ -54,8 +54,8 @@ def _mesh_for(config: ml_collections.ConfigDict) -> jax.sharding.Mesh:
     return mesh_lib.make_mesh(config.mesh)
 
 
-def load_run(workdir: str, step: int | None = None
-             ) -> tuple[ml_collections.ConfigDict, transformer.Transformer, Any, Any, jax.sharding.Mesh]:
+def load_run(workdir: str, step: int | None = None) -> tuple[
+    ml_collections.ConfigDict, transformer.Transformer, Any, Any, jax.sharding.Mesh]:
   """(config, model, params, tokenizer, mesh) of `workdir` at `step` (None = latest good).
 
   `tokenizer` is None if neither the run nor its data workdir holds one.
