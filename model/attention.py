@@ -46,6 +46,7 @@ from jax.ad_checkpoint import checkpoint_name
 from jax.sharding import PartitionSpec as P
 
 from model.config import ModelConfig
+from model.layers import matmul
 from model.rope import apply_rope
 
 # Large but finite, so a row with every key masked gives a finite (uniform)
@@ -278,9 +279,9 @@ class Attention(nn.Module):
     wo_NHD = param('wo', nn.with_logical_partitioning(out_init, ('heads', 'kv', 'embed')),
                    (n, h, d), param_dtype)
 
-    q_BTNH = jnp.einsum('BTD,DNH->BTNH', x_BTD, jnp.asarray(wq_DNH, dtype))
-    k_BTKH = jnp.einsum('BTD,DKH->BTKH', x_BTD, jnp.asarray(wk_DKH, dtype))
-    v_BTKH = jnp.einsum('BTD,DKH->BTKH', x_BTD, jnp.asarray(wv_DKH, dtype))
+    q_BTNH = matmul(x_BTD, jnp.asarray(wq_DNH, dtype))
+    k_BTKH = matmul(x_BTD, jnp.asarray(wk_DKH, dtype))
+    v_BTKH = matmul(x_BTD, jnp.asarray(wv_DKH, dtype))
     cache = self._cache_vars(x_BTD.shape[0]) if self.decode else None
     if self.decode and positions_BT is None:
       positions_BT = (cache['cache_index'].value[:, None]
@@ -297,7 +298,7 @@ class Attention(nn.Module):
     else:
       out_BTNH = attention_core(q_BTNH, k_BTKH, v_BTKH, segment_ids_BT, cfg.attention_impl)
     out_BTNH = checkpoint_name(nn.with_logical_constraint(out_BTNH, BTNH), 'attn_out')
-    out_BTD = jnp.einsum('BTNH,NHD->BTD', out_BTNH, jnp.asarray(wo_NHD, dtype))
+    out_BTD = matmul(out_BTNH, jnp.asarray(wo_NHD, dtype), num_contract=2)
     return nn.with_logical_constraint(
         out_BTD, ('activation_batch', 'activation_length', 'activation_embed'))
 

@@ -28,7 +28,7 @@ import jax.numpy as jnp
 
 from model.attention import Attention
 from model.config import REMAT_POLICIES, ModelConfig
-from model.layers import BLD, Embed, Mlp, RMSNorm
+from model.layers import BLD, Embed, Mlp, RMSNorm, matmul
 
 
 def remat_policy(name: str) -> Callable[..., bool] | None:
@@ -121,8 +121,8 @@ class Transformer(nn.Module):
           nn.with_logical_partitioning(nn.initializers.normal(stddev=cfg.d_model ** -0.5),
                                        ('embed', 'vocab')),
           (cfg.d_model, cfg.vocab_size), jnp.dtype(cfg.param_dtype))
-      logits_BLV = jnp.einsum('BLD,DV->BLV', x_BLD, jnp.asarray(head_DV, jnp.dtype(cfg.dtype)),
-                              preferred_element_type=jnp.float32)
+      logits_BLV = matmul(x_BLD, jnp.asarray(head_DV, jnp.dtype(cfg.dtype)),
+                          preferred_element_type=jnp.float32)
     return nn.with_logical_constraint(
         logits_BLV.astype(jnp.float32),
         ('activation_batch', 'activation_length', 'activation_vocab'))
