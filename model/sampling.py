@@ -120,14 +120,19 @@ def sample_with_logprobs(rng: jax.Array, logits_BV: jax.Array, config: SamplingC
     (after temperature / top-k / top-p; 0 under greedy).
   """
   logits_BV = logits_BV.astype(jnp.float32)
-  processed_BV = process_logits(logits_BV, config)
+  model_logprobs_BV = jax.nn.log_softmax(logits_BV, axis=-1)
   if config.is_greedy:
     tokens_B = jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
-  else:
-    tokens_B = jax.random.categorical(rng, processed_BV, axis=-1).astype(jnp.int32)
-  model_logprob_B = _take(jax.nn.log_softmax(logits_BV, axis=-1), tokens_B)
+    return tokens_B, _take(model_logprobs_BV, tokens_B), jnp.zeros_like(tokens_B, jnp.float32)
+  if config == SamplingConfig(greedy=config.greedy):
+    # Pure sampling from the model: one normalisation serves both log-probs.
+    tokens_B = jax.random.categorical(rng, model_logprobs_BV, axis=-1).astype(jnp.int32)
+    model_logprob_B = _take(model_logprobs_BV, tokens_B)
+    return tokens_B, model_logprob_B, model_logprob_B
+  processed_BV = process_logits(logits_BV, config)
+  tokens_B = jax.random.categorical(rng, processed_BV, axis=-1).astype(jnp.int32)
   sampling_logprob_B = _take(jax.nn.log_softmax(processed_BV, axis=-1), tokens_B)
-  return tokens_B, model_logprob_B, sampling_logprob_B
+  return tokens_B, _take(model_logprobs_BV, tokens_B), sampling_logprob_B
 
 
 def _take(values_BV: jax.Array, index_B: jax.Array) -> jax.Array:
