@@ -62,7 +62,11 @@ SPLASH_BLOCK_SIZES = (512, 256, 128)  # tried largest first; must divide the len
 # ---------------------------------------------------------------- the platform
 
 def context_mesh() -> jax.sharding.Mesh | jax.sharding.AbstractMesh | None:
-  """The mesh in context: `jax.set_mesh` first, then the legacy `with mesh:`."""
+  """The mesh in context, None without one.
+
+  The abstract mesh (set by `jax.set_mesh` or `jax.sharding.use_abstract_mesh`;
+  it is what is visible inside jit) first, then the legacy `with mesh:`.
+  """
   abstract = jax.sharding.get_abstract_mesh()
   if not abstract.empty:
     return abstract
@@ -172,6 +176,7 @@ def splash_attention(q_BTNH: jax.Array, k_BSKH: jax.Array, v_BSKH: jax.Array,
   divide evenly), the sequence whole. `interpret=True` runs the kernel in the
   Pallas interpreter (slow; lets tests check it on CPU).
   """
+  # Imported here: loading the Pallas TPU ops is not needed off TPU.
   from jax.experimental.pallas.ops.tpu import splash_attention as splash  # pylint: disable=g-import-not-at-top
   length, head_dim = q_BTNH.shape[1], q_BTNH.shape[3]
   block = splash_block_size(length)
