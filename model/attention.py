@@ -177,7 +177,7 @@ def splash_attention(q_BTNH: jax.Array, k_BSKH: jax.Array, v_BSKH: jax.Array,
   Pallas interpreter (slow; lets tests check it on CPU).
   """
   # Imported here: loading the Pallas TPU ops is not needed off TPU.
-  from jax.experimental.pallas.ops.tpu import splash_attention as splash  # pylint: disable=g-import-not-at-top
+  from jax.experimental.pallas.ops.tpu import splash_attention as splash
   length, head_dim = q_BTNH.shape[1], q_BTNH.shape[3]
   block = splash_block_size(length)
   if block is None:
