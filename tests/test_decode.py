@@ -10,12 +10,15 @@ import textwrap
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 
 from model import decode
 from model.config import ModelConfig
 from model.transformer import Transformer
+from train import generate as generate_cli
+from train import mesh as mesh_lib
 
 CFG = ModelConfig(vocab_size=64, d_model=32, num_layers=2, num_heads=4, num_kv_heads=2,
                   head_dim=8, mlp_dim=64, max_len=64)
@@ -165,3 +168,36 @@ def test_sharded_generation_matches_single_device(greedy_cached):
   result = subprocess.run([sys.executable, '-c', _SHARDED, json.dumps(want)], env=env, cwd=root,
                           capture_output=True, text=True, timeout=300)
   assert 'SHARDED_OK' in result.stdout, result.stderr[-3000:]
+
+
+class _CharTokenizer:
+  """Stand-in tokenizer: one token per character, ids 4.. ('a' -> 4)."""
+  pad_id, bos_id, eos_id = 0, 2, 3
+
+  def encode(self, text):
+    return [4 + ord(c) - ord('a') for c in text]
+
+  def decode(self, ids):
+    return ''.join(chr(ord('a') + i - 4) if i >= 4 else '' for i in ids)
+
+
+def test_generate_cli_prompts_samples_and_format(model_and_params):
+  model, params = model_and_params
+  config = ml_collections.ConfigDict(dict(mesh=dict(data=-1, fsdp=1, tensor=1, num_slices=1,
+                                                    rules_preset='fsdp_tp', rules=None)))
+  mesh = mesh_lib.make_mesh(config.mesh)
+  tokenizer = _CharTokenizer()
+  samples = generate_cli.sample_completions(
+      config, model, params, tokenizer, mesh, ['b', 'cdefghij'], max_new_tokens=NEW,
+      num_samples=2, greedy=True)
+  assert [(s['prompt'], s['sample']) for s in samples] == [('b', 0), ('b', 1), ('cdefghij', 0),
+                                                           ('cdefghij', 1)]
+  # 'b' is id 5, so the first prompt is [BOS, 5]: the same as decoding that directly.
+  direct = decode.generate(model, params, [[2, 5]], max_new_tokens=NEW, rng=jax.random.key(0),
+                           greedy=True, eos_id=3)
+  new_ids = [int(t) for t, m in zip(direct.tokens[0], direct.mask[0]) if m and t != 3]
+  assert samples[0]['completion'] == samples[1]['completion'] == tokenizer.decode(new_ids)
+  assert samples[0]['num_tokens'] == int(direct.lengths[0])
+  assert samples[0]['stopped_at_eos'] == bool(direct.done[0])
+  text = generate_cli.format_sample(samples[0], 0, 4)
+  assert '----- prompt -----\nb\n----- completion -----\n' in text
