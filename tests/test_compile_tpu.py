@@ -95,3 +95,28 @@ def test_a_config_that_does_not_fit_reports_fits_false(tmp_path):
   assert report['fits'] is False and report['hbm_per_chip_gib'] == 16.0
   assert report['required_gib'] > 16.0
   assert 'does not fit' in proc.stderr
+
+
+def test_multislice_mesh_puts_data_across_slices():
+  python = _tpu_python()
+  if python is None:
+    pytest.skip("libtpu is not installed (pip install -e '.[tpu]', or set STRATA_TPU_PYTHON).")
+  code = '\n'.join([
+      'import json, ml_collections',
+      'from benchmarks import compile as compile_lib',
+      'from train import mesh as mesh_lib',
+      "devices = compile_lib.topology_devices('v5e:2x2', num_slices=2)",
+      "cfg = ml_collections.ConfigDict(dict(data=2, fsdp=-1, tensor=1, num_slices=2))",
+      'mesh = mesh_lib.make_mesh(cfg, devices=devices)',
+      "print('RESULT', json.dumps({'shape': dict(mesh.shape), 'slices': "
+      "[sorted({d.slice_index for d in row.flat}) for row in mesh.devices]}))",
+  ])
+  env = dict(os.environ, JAX_PLATFORMS='cpu', PYTHONPATH=REPO)
+  proc = subprocess.run([python, '-c', code], cwd=REPO, env=env, capture_output=True, text=True,
+                        timeout=120)
+  assert proc.returncode == 0, proc.stderr[-5000:]
+  [line] = [l for l in proc.stdout.splitlines() if l.startswith('RESULT ')]
+  result = json.loads(line[len('RESULT '):])
+  assert result['shape'] == {'data': 2, 'fsdp': 4, 'tensor': 1}
+  # Each index of `data` is one whole slice: only the data all-reduce crosses DCN.
+  assert result['slices'] == [[0], [1]]
