@@ -112,9 +112,16 @@ def restore_or_init(checkpointer: checkpoint_lib.Checkpointer, loader: Any,
   if restored is None:
     return init_state(), 0
   state, loader_state = restored
+  step = int(jax.device_get(state.step))
   if loader_state:
-    loader.set_state(loader_state)
-  return state, int(jax.device_get(state.step))
+    try:
+      loader.set_state(loader_state)
+    except ValueError as e:
+      raise ValueError(
+          f'Cannot resume the data position saved with checkpoint step {step} in '
+          f'{checkpointer.directory}: {e}. Resume with the settings the run started with, '
+          'or start a new workdir.') from e
+  return state, step
 
 
 class _Preemption:
