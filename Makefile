@@ -19,7 +19,14 @@ $(VENV)/.installed: $(PY) requirements.lock setup.py
 
 install: $(VENV)/.installed
 
-install-test: install
+# The TPU compile tests need libtpu only to describe a TPU topology; it goes in
+# a folder of its own so the venv the demo uses is not touched by it.
+LIBTPU := $(VENV)/libtpu
+$(LIBTPU)/.installed: $(VENV)/.installed requirements-tpu.lock
+	$(PY) -m pip install --quiet --no-deps --target $(LIBTPU) -r requirements-tpu.lock
+	touch $@
+
+install-test: install $(LIBTPU)/.installed
 
 demo: install
 	$(PY) -m data_pipeline --config=configs/data.py:stdlib --workdir=$(DATA)
@@ -28,8 +35,8 @@ demo: install
 	$(PY) -m train.generate --workdir=$(RUN) --prompt='def ' --max_new_tokens=64 --num_samples=3
 	$(PY) -m train.plot --workdir=$(RUN)
 
-test: install
-	$(PY) -m pytest -q tests
+test: install-test
+	STRATA_LIBTPU_PATH=$(LIBTPU) $(PY) -m pytest -q tests
 
 clean:
 	rm -rf $(VENV) runs *.egg-info

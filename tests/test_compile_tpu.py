@@ -1,9 +1,12 @@
 """Ahead-of-time compilation for a TPU slice on this CPU host, and the 7b parameter count.
 
-The compile test needs libtpu (`pip install -e '.[tpu]'`). It runs
-`python -m benchmarks.compile` in a subprocess with the test's Python, or with
-the one named by `STRATA_TPU_PYTHON` (a venv that has libtpu, so the main
-environment can stay without the 200 MB wheel); with neither it is skipped.
+The compile tests need libtpu. They run `python -m benchmarks.compile` in a
+subprocess, with JAX_PLATFORMS=cpu so libtpu only describes the topology, and
+find libtpu in one of three places: a folder named by `STRATA_LIBTPU_PATH`
+(`make test` installs the wheel there with `pip install --target`, so the venv
+the demo uses stays without it), a Python named by `STRATA_TPU_PYTHON` (a venv
+with `pip install -e '.[tpu]'`), or the test's own environment. With none of
+them they are skipped, saying so.
 """
 
 from __future__ import annotations
@@ -22,13 +25,19 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LLAMA2_7B_PARAMS = 6_738_415_616
 
 
-def _tpu_python() -> str | None:
-  explicit = os.environ.get('STRATA_TPU_PYTHON')
-  if explicit:
-    return explicit
+def _tpu_command() -> tuple[str, dict[str, str]]:
+  """The Python that has libtpu and the environment to run it in; skips without one."""
+  env = dict(os.environ, JAX_PLATFORMS='cpu', PYTHONPATH=REPO)
+  libtpu_path = os.environ.get('STRATA_LIBTPU_PATH')
+  if libtpu_path and os.path.isdir(os.path.join(libtpu_path, 'libtpu')):
+    env['PYTHONPATH'] = os.pathsep.join([REPO, libtpu_path])
+    return sys.executable, env
+  if os.environ.get('STRATA_TPU_PYTHON'):
+    return os.environ['STRATA_TPU_PYTHON'], env
   if importlib.util.find_spec('libtpu') is not None:
-    return sys.executable
-  return None
+    return sys.executable, env
+  pytest.skip("libtpu is not installed (pip install -e '.[tpu]', or set STRATA_LIBTPU_PATH / "
+              'STRATA_TPU_PYTHON): cannot compile for a TPU topology on CPU.')
 
 
 def test_7b_abstract_state_has_the_llama2_parameter_count():
@@ -56,12 +65,8 @@ def test_7b_abstract_state_has_the_llama2_parameter_count():
 
 
 def test_small_train_step_compiles_for_v5p_2x2x1_with_splash(tmp_path):
-  python = _tpu_python()
-  if python is None:
-    pytest.skip("libtpu is not installed (pip install -e '.[tpu]', or set STRATA_TPU_PYTHON to "
-                'a Python that has it): cannot compile for a TPU topology on CPU.')
+  python, env = _tpu_command()
   out = tmp_path / 'compile.json'
-  env = dict(os.environ, JAX_PLATFORMS='cpu', PYTHONPATH=REPO)
   proc = subprocess.run(
       [python, '-m', 'benchmarks.compile', '--config=configs/pretrain.py:small',
        '--topology=v5p:2x2x1', f'--output={out}'],
@@ -79,11 +84,8 @@ def test_small_train_step_compiles_for_v5p_2x2x1_with_splash(tmp_path):
 
 
 def test_a_config_that_does_not_fit_reports_fits_false(tmp_path):
-  python = _tpu_python()
-  if python is None:
-    pytest.skip("libtpu is not installed (pip install -e '.[tpu]', or set STRATA_TPU_PYTHON).")
+  python, env = _tpu_command()
   out = tmp_path / 'compile.json'
-  env = dict(os.environ, JAX_PLATFORMS='cpu', PYTHONPATH=REPO)
   # 1024 rows of 512 tokens on one 16 GiB v5e chip: the logits alone need more.
   proc = subprocess.run(
       [python, '-m', 'benchmarks.compile',
@@ -98,9 +100,7 @@ def test_a_config_that_does_not_fit_reports_fits_false(tmp_path):
 
 
 def test_multislice_mesh_puts_data_across_slices():
-  python = _tpu_python()
-  if python is None:
-    pytest.skip("libtpu is not installed (pip install -e '.[tpu]', or set STRATA_TPU_PYTHON).")
+  python, env = _tpu_command()
   code = '\n'.join([
       'import json, ml_collections',
       'from benchmarks import compile as compile_lib',
@@ -111,7 +111,6 @@ def test_multislice_mesh_puts_data_across_slices():
       "print('RESULT', json.dumps({'shape': dict(mesh.shape), 'slices': "
       "[sorted({d.slice_index for d in row.flat}) for row in mesh.devices]}))",
   ])
-  env = dict(os.environ, JAX_PLATFORMS='cpu', PYTHONPATH=REPO)
   proc = subprocess.run([python, '-c', code], cwd=REPO, env=env, capture_output=True, text=True,
                         timeout=120)
   assert proc.returncode == 0, proc.stderr[-5000:]
