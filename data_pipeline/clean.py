@@ -47,6 +47,7 @@ from data_pipeline.sources import Document
 
 _LOOKS_LIKE_HTML = re.compile(
     r'<!doctype html|<html\b|<body\b|</(?:p|div|span|a|li|td|h[1-6]|title)>', re.I)
+_ANY_TAG = re.compile(r'<[^<>]*>')
 _BLOCK_TAGS = frozenset(
     'address article aside blockquote br dd div dl dt footer form h1 h2 h3 h4 h5 h6 '
     'header hr li main nav ol p pre section table td th tr ul title'.split())
@@ -84,9 +85,15 @@ def looks_like_html(text: str) -> bool:
 def strip_html(text: str) -> str:
   """The visible text of an HTML document, one block per line."""
   parser = _TextExtractor()
-  parser.feed(text)
-  parser.close()
-  lines = [' '.join(line.split()) for line in ''.join(parser.parts).splitlines()]
+  try:
+    parser.feed(text)
+    parser.close()
+    visible = ''.join(parser.parts)
+  except AssertionError:
+    # html.parser asserts on some malformed markup (e.g. `<![` in a script);
+    # such a page still has text worth keeping, so drop the tags by pattern.
+    visible = html.unescape(_ANY_TAG.sub(' ', text))
+  lines = [' '.join(line.split()) for line in visible.splitlines()]
   return re.sub(r'\n{3,}', '\n\n', '\n'.join(lines)).strip()
 
 

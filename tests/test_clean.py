@@ -143,3 +143,12 @@ def test_real_stdlib_code_passes_the_filters():
   for rel in ('json/decoder.py', 'argparse.py', 'collections/__init__.py', 'typing.py'):
     with open(os.path.join(root, rel), encoding='utf-8') as f:
       assert clean.quality_problem(f.read(), config) is None, rel
+
+
+def test_malformed_markup_that_html_parser_rejects_is_still_stripped():
+  # html.parser raises AssertionError on `<![` followed by a non-name; the
+  # document must be cleaned, not crash the run.
+  text = '<html><body><p>Keep this text.</p><script>s = "<!["</script></body></html>'
+  out = clean.strip_html(text)
+  assert 'Keep this text.' in out
+  assert '<p>' not in out and '<body>' not in out
