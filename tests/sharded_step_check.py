@@ -35,7 +35,8 @@ def small_config(overrides: str = ''):
   arg = ('tiny,model.vocab_size=128,model.d_model=32,model.num_layers=2,model.num_heads=4,'
          'model.num_kv_heads=2,model.head_dim=8,model.mlp_dim=64,model.max_len=16,'
          'seq_len=16,batch_size=8,num_train_steps=10,optimizer.warmup_steps=2,'
-         'optimizer.learning_rate=1e-2,loss.z_loss=1e-4,model.tie_embeddings=False')
+         'optimizer.learning_rate=1e-2,loss.z_loss=1e-4,model.tie_embeddings=False,'
+         'model.scan_layers=True')
   return pretrain.get_config(arg + (',' + overrides if overrides else ''))
 
 
