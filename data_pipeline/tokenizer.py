@@ -135,6 +135,20 @@ class Tokenizer:
       raise ValueError(f'not a SentencePiece model: {path}: {e}') from e
     return cls(processor, path)
 
+  @classmethod
+  def from_bytes(cls, model_proto: bytes, path: str = '') -> Tokenizer:
+    """A model from its serialized bytes, e.g. read from `gs://` through epath.
+
+    SentencePiece opens only local files itself; `path` names where the bytes
+    came from, for messages.
+    """
+    processor = spm.SentencePieceProcessor()
+    try:
+      processor.LoadFromSerializedProto(model_proto)
+    except (OSError, RuntimeError) as e:
+      raise ValueError(f'not a SentencePiece model: {path or "<bytes>"}: {e}') from e
+    return cls(processor, path)
+
   @property
   def vocab_size(self) -> int:
     return self._sp.get_piece_size()
