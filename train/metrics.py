@@ -10,6 +10,14 @@ stays strict JSON; `float()` reads them back.
 On resume the writer drops records newer than the restored step (they belong
 to the interrupted run's lost future) and a torn last line, so the file
 always tells one consistent history. Only process 0 writes.
+
+A workdir on Cloud Storage (`gs://...`): an object cannot be appended to, so
+the writer keeps the run's records in memory and rewrites the whole
+`metrics.jsonl` object at most every `remote_sync_seconds` (and on `flush()`
+and `close()`); the content is the same as a local file's. TensorBoard events
+go straight to `gs://` when tensorboardX can write there (it needs
+`google-cloud-storage`); otherwise they are written to a local temporary
+folder and copied to `<workdir>/tensorboard/` through epath at the same times.
 """
 
 from __future__ import annotations
@@ -17,11 +25,17 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import sys
+import tempfile
 import time
 from typing import Any, Mapping
 
+from absl import logging
+from etils import epath
 import jax
+
+from train import paths
 
 METRICS_FILE = 'metrics.jsonl'
 TENSORBOARD_DIR = 'tensorboard'
@@ -38,16 +52,16 @@ def _plain(value: Any) -> Any:
 
 def read_metrics(workdir: str) -> list[dict[str, Any]]:
   """All complete records of `<workdir>/metrics.jsonl` (a torn last line is skipped)."""
-  path = os.path.join(workdir, METRICS_FILE)
+  path = epath.Path(workdir) / METRICS_FILE
   records = []
-  if not os.path.exists(path):
+  if not path.exists():
     return records
-  with open(path) as f:
-    for line in f:
-      try:
-        records.append(json.loads(line))
-      except ValueError:
-        continue
+  # One read, then split: remote objects are read whole anyway.
+  for line in path.read_text().splitlines():
+    try:
+      records.append(json.loads(line))
+    except ValueError:
+      continue
   return records
 
 
@@ -90,35 +104,63 @@ class MetricsWriter:
   """Writes metric records to metrics.jsonl, TensorBoard and the console."""
 
   def __init__(self, workdir: str, *, total_steps: int | None = None, start_step: int = 0,
-               tensorboard: bool = True, console: bool = True):
+               tensorboard: bool = True, console: bool = True,
+               remote_sync_seconds: float = 30.0):
     self.workdir = workdir
     self.total_steps = total_steps
     self.start_step = start_step
     self.console = console
     self.is_primary = jax.process_index() == 0
-    self.path = os.path.join(workdir, METRICS_FILE)
+    self.remote = paths.is_remote(workdir)
+    self.path = epath.Path(workdir) / METRICS_FILE
+    self.remote_sync_seconds = remote_sync_seconds
     self._start_time = time.time()
     self._tb = None
+    self._tb_local: str | None = None   # local folder mirrored to a remote workdir
+    self._records: list[str] = []       # a remote workdir's lines, rewritten whole
+    self._last_sync = time.monotonic()
     if not self.is_primary:
       return
-    os.makedirs(workdir, exist_ok=True)
-    self._truncate_after(start_step)
-    self._file = open(self.path, 'a')
+    epath.Path(workdir).mkdir(parents=True, exist_ok=True)
+    kept = self._truncate_after(start_step)
+    if self.remote:
+      self._records = kept
+      self._file = None
+    else:
+      self._file = self.path.open('a')
     if tensorboard:
-      import tensorboardX  # pylint: disable=g-import-not-at-top
-      # purge_step hides events the interrupted run wrote after the restored step.
-      self._tb = tensorboardX.SummaryWriter(
-          os.path.join(workdir, TENSORBOARD_DIR),
-          purge_step=start_step + 1 if start_step else None)
+      self._tb = self._tensorboard_writer(start_step)
 
-  def _truncate_after(self, step: int) -> None:
-    if not os.path.exists(self.path):
-      return
-    kept = [r for r in read_metrics(self.workdir) if int(r.get('step', 0)) <= step]
-    with open(self.path + '.tmp', 'w') as f:
-      for record in kept:
-        f.write(json.dumps(record) + '\n')
-    os.replace(self.path + '.tmp', self.path)
+  def _tensorboard_writer(self, start_step: int) -> Any:
+    import tensorboardX  # pylint: disable=g-import-not-at-top
+    from tensorboardX import record_writer  # pylint: disable=g-import-not-at-top
+    target = os.fspath(epath.Path(self.workdir) / TENSORBOARD_DIR)
+    logdir = target
+    if self.remote and not (target.startswith('gs://')
+                            and getattr(record_writer, 'GCS_ENABLED', False)):
+      # tensorboardX writes gs:// only with google-cloud-storage installed;
+      # write here and copy the files over through epath instead.
+      self._tb_local = tempfile.mkdtemp(prefix='strata_tensorboard_')
+      logdir = self._tb_local
+      logging.warning('TensorBoard: tensorboardX cannot write %s directly (it needs '
+                      'google-cloud-storage for gs://); events go to %s and are copied there '
+                      'every %.0f s and at the end.', target, logdir, self.remote_sync_seconds)
+    # purge_step hides events the interrupted run wrote after the restored step.
+    return tensorboardX.SummaryWriter(logdir, purge_step=start_step + 1 if start_step else None)
+
+  def _truncate_after(self, step: int) -> list[str]:
+    """Drops records newer than `step` from the file; returns the kept lines."""
+    if not self.path.exists():
+      return []
+    kept = [json.dumps(r) + '\n' for r in read_metrics(self.workdir)
+            if int(r.get('step', 0)) <= step]
+    if self.remote:
+      self.path.write_text(''.join(kept))   # one object write replaces it whole
+    else:
+      tmp = self.path.parent / (self.path.name + '.tmp')
+      tmp.write_text(''.join(kept))
+      tmp.replace(self.path)
+    return kept
 
   def write(self, step: int, metrics: Mapping[str, Any], *, print_line: bool = True,
             eta_seconds: float | None = None) -> dict[str, Any]:
@@ -127,15 +169,33 @@ class MetricsWriter:
     record.update({k: _plain(v) for k, v in metrics.items()})
     if not self.is_primary:
       return record
-    self._file.write(json.dumps(record) + '\n')
-    self._file.flush()
+    line = json.dumps(record) + '\n'
+    if self.remote:
+      self._records.append(line)
+    else:
+      self._file.write(line)
+      self._file.flush()
     if self._tb is not None:
       for key, value in record.items():
         if key != 'step' and isinstance(value, (int, float)) and not isinstance(value, bool):
           self._tb.add_scalar(key, value, step)
+    if self.remote and time.monotonic() - self._last_sync >= self.remote_sync_seconds:
+      self._sync_remote()
     if self.console and print_line:
       print(progress_line(step, self.total_steps, record, eta_seconds), flush=True)
     return record
+
+  def _sync_remote(self) -> None:
+    """Rewrites the remote metrics.jsonl and copies local TensorBoard files over."""
+    self.path.write_text(''.join(self._records))
+    if self._tb_local is not None:
+      if self._tb is not None:
+        self._tb.flush()
+      target = epath.Path(self.workdir) / TENSORBOARD_DIR
+      target.mkdir(parents=True, exist_ok=True)
+      for local in epath.Path(self._tb_local).iterdir():
+        local.copy(target / local.name, overwrite=True)
+    self._last_sync = time.monotonic()
 
   def message(self, text: str) -> None:
     """A console line (process 0 only), e.g. evaluation or checkpoint notices."""
@@ -148,12 +208,22 @@ class MetricsWriter:
 
   def flush(self) -> None:
     if self.is_primary:
-      self._file.flush()
       if self._tb is not None:
         self._tb.flush()
+      if self.remote:
+        self._sync_remote()
+      else:
+        self._file.flush()
 
   def close(self) -> None:
     if self.is_primary:
-      self._file.close()
       if self._tb is not None:
         self._tb.close()
+        self._tb = None
+      if self.remote:
+        self._sync_remote()
+      else:
+        self._file.close()
+      if self._tb_local is not None:
+        shutil.rmtree(self._tb_local, ignore_errors=True)   # a local temporary folder
+        self._tb_local = None
