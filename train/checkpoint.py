@@ -15,6 +15,10 @@ Saves are asynchronous (the device keeps training while the host writes); call
 A step directory that is incomplete (a missing file or commit marker) or that
 fails to restore (a truncated array file) is reported with its step and path,
 moved aside to `<directory>.corrupt/`, and the previous good step is restored.
+
+The directory may be local or on Cloud Storage (`gs://bucket/run/checkpoints`):
+Orbax takes either, and this module's own files (loader states, the checks
+of a step, moving a bad step aside) go through `etils.epath`.
 """
 
 from __future__ import annotations
@@ -23,14 +27,16 @@ import dataclasses
 import json
 import math
 import os
-import shutil
 import sys
 import time
 from typing import Any
 
 from absl import logging
+from etils import epath
 import jax
 import orbax.checkpoint as ocp
+
+from train import paths
 
 STATE = 'state'
 LOADER = 'loader'
@@ -58,26 +64,24 @@ class LoaderStateHandler(ocp.CheckpointHandler):
   """
 
   def save(self, directory, args: LoaderSave) -> None:
-    path = os.path.join(os.fspath(directory),
-                        _loader_file(jax.process_index(), jax.process_count()))
-    with open(path, 'w') as f:
-      json.dump(args.state, f)
+    # One whole-object write: fine on Cloud Storage, which has no appends.
+    path = epath.Path(directory) / _loader_file(jax.process_index(), jax.process_count())
+    path.write_text(json.dumps(args.state))
 
   def restore(self, directory, args: LoaderRestore | None = None) -> dict[str, Any] | None:
     """This process's state; None if the checkpoint was written by another process count."""
     del args
-    directory = os.fspath(directory)
-    path = os.path.join(directory, _loader_file(jax.process_index(), jax.process_count()))
-    if not os.path.exists(path):
-      others = sorted(n for n in os.listdir(directory) if n.startswith('process_'))
+    directory = epath.Path(directory)
+    path = directory / _loader_file(jax.process_index(), jax.process_count())
+    if not path.exists():
+      others = sorted(p.name for p in directory.iterdir() if p.name.startswith('process_'))
       if not others:
-        raise FileNotFoundError(f'missing file {LOADER}/{os.path.basename(path)}')
+        raise FileNotFoundError(f'missing file {LOADER}/{path.name}')
       print(f'WARNING: {directory} holds the loader state of other processes ({others}); '
             f'this is process {jax.process_index()} of {jax.process_count()}, so the data '
             'iterator starts from the beginning.', file=sys.stderr, flush=True)
       return None
-    with open(path) as f:
-      return json.load(f)
+    return json.loads(path.read_text())
 
   def metadata(self, directory) -> None:
     return None
@@ -129,7 +133,8 @@ class Checkpointer:
 
   def __init__(self, directory: str, *, keep: int = 3, keep_best: bool = True,
                async_save: bool = True, read_only: bool = False):
-    self.directory = os.path.abspath(os.fspath(directory))
+    # A string (local and absolute, or a `gs://` URL kept as is) for messages and Orbax.
+    self.directory = paths.resolve_str(directory)
     policies = [ocp.checkpoint_managers.LatestN(n=max(int(keep), 1))]
     if keep_best:
       # `reverse=True` sorts descending, and BestN keeps the tail: the lowest loss.
@@ -164,14 +169,13 @@ class Checkpointer:
     return min(scored)[1] if scored else None
 
   def step_dir(self, step: int) -> str:
-    return os.path.join(self.directory, str(step))
+    return os.fspath(epath.Path(self.directory) / str(step))
 
   def metadata(self, step: int) -> dict[str, Any]:
     """The `meta` item of a step (step, metrics, time), read as plain JSON."""
-    path = os.path.join(self.step_dir(step), META, 'metadata')
+    path = epath.Path(self.step_dir(step)) / META / 'metadata'
     try:
-      with open(path) as f:
-        return json.load(f)
+      return json.loads(path.read_text())
     except (OSError, ValueError):
       return {}
 
@@ -209,12 +213,12 @@ class Checkpointer:
     """Raises CheckpointError if a committed file of `step` is missing or empty."""
     step_dir = self.step_dir(step)
     for rel in REQUIRED_FILES:
-      path = os.path.join(step_dir, rel)
-      if not os.path.isfile(path):
+      path = epath.Path(step_dir) / rel
+      if not path.is_file():
         what = 'commit marker' if rel.endswith('commit_success.txt') else 'file'
         raise CheckpointError(
             f'Checkpoint step {step} at {step_dir} is incomplete: missing {what} {rel}')
-      if os.path.getsize(path) == 0:
+      if path.stat().length == 0:
         raise CheckpointError(f'Checkpoint step {step} at {step_dir} is corrupt: {rel} is empty')
 
   def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict[str, Any]]:
@@ -291,10 +295,11 @@ class Checkpointer:
   def _quarantine(self, step: int) -> None:
     """Moves a bad step out of the way so a resumed run can save that step again."""
     if jax.process_index() == 0:
-      target_dir = self.directory + '.corrupt'
-      os.makedirs(target_dir, exist_ok=True)
-      target = os.path.join(target_dir, f'{step}-{int(time.time())}')
-      shutil.move(self.step_dir(step), target)
+      target_dir = epath.Path(self.directory + '.corrupt')
+      target_dir.mkdir(parents=True, exist_ok=True)
+      target = target_dir / f'{step}-{int(time.time())}'
+      # A rename locally; on Cloud Storage a copy of every object and a delete.
+      epath.Path(self.step_dir(step)).rename(target)
       print(f'Moved bad checkpoint step {step} to {target}', file=sys.stderr, flush=True)
     if jax.process_count() > 1:
       from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
