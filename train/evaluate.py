@@ -6,7 +6,8 @@ restores the run's parameters (`train.run_dir.load_run`), reads the split once
 in stored order (every document, the last batch padded) and scores it with
 `train.steps.make_eval_step` + `evaluate_batches`, the evaluation the training
 loop runs on the validation split. Prints the result and writes it to
-`<workdir>/eval_<split>.json`.
+`<workdir>/eval_<split>.json` (the workdir may be a `gs://` URL; files go
+through `etils.epath`).
 
 What is counted. Each document is [BOS] + tokens + [EOS]; the targets are the
 document's tokens and its EOS (BOS is never predicted), so a document of n
@@ -33,12 +34,15 @@ from typing import Any, Sequence
 
 from absl import app
 from absl import flags
+from etils import epath
 import jax
 import tqdm
 
 from data_pipeline import loader as loader_lib
 from data_pipeline import shards
+from train import distributed
 from train import mesh as mesh_lib
+from train import paths
 from train import state as state_lib
 from train import steps as steps_lib
 
@@ -116,13 +120,13 @@ def evaluate_split(config: Any, model: Any, params: Any, mesh: jax.sharding.Mesh
 
 
 def _data_dir(config: Any, workdir: str, override: str | None) -> str:
+  run = paths.resolve(workdir)
   candidates = [override] if override else [
       config.data.workdir,
       # A relative data.workdir is relative to where training ran; try next to the run too.
-      os.path.join(os.path.dirname(os.path.abspath(workdir)),
-                   os.path.basename(os.path.normpath(config.data.workdir)))]
+      os.fspath(run.parent / epath.Path(config.data.workdir).name)]
   for path in candidates:
-    if os.path.isdir(os.path.join(path, 'tfds')):
+    if (epath.Path(path) / 'tfds').is_dir():
       return path
   raise FileNotFoundError(f'No prepared data (a tfds/ folder) at {candidates}; the run\'s '
                           'config.json names data.workdir, or pass --data_dir.')
@@ -147,13 +151,15 @@ def define_flags() -> None:
 def main(argv: Sequence[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  # Before anything touches a backend: on a pod every host runs this command.
+  distributed.initialize_from_flags()
   from train import run_dir  # pylint: disable=g-import-not-at-top
   config, model, params, _, mesh = run_dir.load_run(FLAGS.workdir, FLAGS.step)
   data_dir = _data_dir(config, FLAGS.workdir, FLAGS.data_dir)
   result = evaluate_split(config, model, params, mesh, data_dir=data_dir, split=FLAGS.split,
                           seq_len=FLAGS.seq_len, batch_size=FLAGS.batch_size)
   result['step'] = int(config.checkpoint_step)
-  result['data_dir'] = os.path.abspath(data_dir)
+  result['data_dir'] = paths.resolve_str(data_dir)
   if jax.process_index() != 0:
     return
   print(f'{FLAGS.workdir} step {result["step"]}, split {FLAGS.split}: '
@@ -164,9 +170,8 @@ def main(argv: Sequence[str]) -> None:
     print(f'{result["unpredicted_tokens"]} tokens were not predicted (first token of a piece of a '
           f'document longer than seq_len={result["seq_len"]}); with them at the mean loss: '
           f'{result["bits_per_byte_extrapolated"]:.4f} bits/byte.')
-  path = os.path.join(FLAGS.workdir, f'eval_{FLAGS.split}.json')
-  with open(path, 'w') as f:
-    json.dump(result, f, indent=2)
+  path = epath.Path(FLAGS.workdir) / f'eval_{FLAGS.split}.json'
+  path.write_text(json.dumps(result, indent=2))
   print(f'wrote {path}')
 
 

@@ -18,10 +18,12 @@ from typing import Any, Sequence
 
 from absl import app
 from absl import flags
+from etils import epath
 import jax
 import numpy as np
 
 from model import decode
+from train import distributed
 from train import mesh as mesh_lib
 
 
@@ -29,9 +31,9 @@ def read_prompts(prompts: Sequence[str], prompts_file: str | None) -> list[str]:
   """--prompt values, then one prompt per non-empty line of --prompts_file."""
   out = list(prompts or [])
   if prompts_file:
-    with open(prompts_file) as f:
-      # A literal '\n' in the file stands for a newline, so multi-line prompts fit on a line.
-      out += [line.rstrip('\n').replace('\\n', '\n') for line in f if line.strip()]
+    # A literal '\n' in the file stands for a newline, so multi-line prompts fit on a line.
+    lines = epath.Path(prompts_file).read_text().split('\n')
+    out += [line.replace('\\n', '\n') for line in lines if line.strip()]
   if not out:
     raise app.UsageError('Give --prompt (repeatable) or --prompts_file.')
   return out
@@ -120,6 +122,8 @@ def define_flags() -> None:
 def main(argv: Sequence[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  # Before anything touches a backend: on a pod every host runs this command.
+  distributed.initialize_from_flags()
   prompts = read_prompts(FLAGS.prompt, FLAGS.prompts_file)
   from train import run_dir  # pylint: disable=g-import-not-at-top
   config, model, params, tokenizer, mesh = run_dir.load_run(FLAGS.workdir, FLAGS.step)

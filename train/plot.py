@@ -3,7 +3,8 @@
   python -m train.plot --workdir=runs/tiny
 
 writes `<workdir>/plots/loss_vs_steps.png`, `loss_vs_tokens.png`,
-`learning_rate.png` and `throughput.png`. The loss plots draw the raw train
+`learning_rate.png` and `throughput.png` (the workdir may be a `gs://` URL;
+files go through `etils.epath`). The loss plots draw the raw train
 loss faintly with a smoothed curve over it and the validation loss with
 markers, and mark the best validation step: when validation rises while
 training keeps falling (over-fitting), the marked minimum sits before the end
@@ -18,6 +19,7 @@ from typing import Any, Sequence
 
 from absl import app
 from absl import flags
+from etils import epath
 import matplotlib
 
 matplotlib.use('Agg')  # files only; no display on servers and CI
@@ -147,7 +149,9 @@ def _single_plot(records, key: str, path: str, title: str, ylabel: str,
 
 def _save(fig, path: str) -> None:
   fig.tight_layout()
-  fig.savefig(path, dpi=110)
+  # Through a file object, so a gs:// path is written by epath, not taken for a local name.
+  with epath.Path(path).open('wb') as f:
+    fig.savefig(f, dpi=110, format='png')
   plt.close(fig)
 
 
@@ -155,12 +159,12 @@ def plot_run(workdir: str, out_dir: str | None = None) -> list[str]:
   """Writes the PNGs for `workdir`'s metrics.jsonl; returns the paths written."""
   records = read_metrics(workdir)
   if not records:
-    raise FileNotFoundError(f'No metrics in {os.path.join(workdir, "metrics.jsonl")}; '
+    raise FileNotFoundError(f'No metrics in {epath.Path(workdir) / "metrics.jsonl"}; '
                             'has the run logged any step?')
-  out_dir = out_dir or os.path.join(workdir, 'plots')
-  os.makedirs(out_dir, exist_ok=True)
-  run = os.path.basename(os.path.normpath(workdir))
-  path = lambda name: os.path.join(out_dir, name)
+  out_dir = epath.Path(out_dir or epath.Path(workdir) / 'plots')
+  out_dir.mkdir(parents=True, exist_ok=True)
+  run = epath.Path(workdir).name
+  path = lambda name: os.fspath(out_dir / name)
   written = []
   if _loss_plot(records, path('loss_vs_steps.png'), f'{run}: loss', use_tokens=False):
     written.append(path('loss_vs_steps.png'))

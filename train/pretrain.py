@@ -1,12 +1,16 @@
 """Pre-training: next-token prediction on a prepared corpus, with the shared loop.
 
 `train(config, workdir)` is what `python -m train` runs:
-  1. writes `<workdir>/config.json` (with `data.workdir` made absolute, so
-     generate/evaluate find the data and tokenizer from any directory);
+  1. writes `<workdir>/config.json` (with a local `data.workdir` made absolute,
+     so generate/evaluate find the data and tokenizer from any directory);
   2. builds the embedded `stdlib` corpus first if its `DONE` marker is missing;
   3. copies the tokenizer into the run (`<workdir>/tokenizer.model`);
   4. builds the mesh, the model, the sharded state (or restores it), the
      loaders and the jitted steps, and hands them to `train.loop.run`.
+
+The run and data workdirs may be Cloud Storage URLs (`gs://bucket/run`, as
+on a TPU pod): every file here goes through `etils.epath` and a URL is never
+made "absolute" (see `train.paths`).
 """
 
 from __future__ import annotations
@@ -14,10 +18,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import shutil
 from typing import Any
 
 from absl import logging
+from etils import epath
 import jax
 import ml_collections
 
@@ -28,6 +32,7 @@ from train import checkpoint as checkpoint_lib
 from train import loop
 from train import mesh as mesh_lib
 from train import mfu
+from train import paths
 from train import state as state_lib
 from train import steps as steps_lib
 
@@ -38,36 +43,46 @@ TOKENIZER_FILE = 'tokenizer.model'
 
 def write_config(config: ml_collections.ConfigDict, workdir: str) -> None:
   """`<workdir>/config.json`; a changed config on resume is kept as config.<n>.json."""
-  path = os.path.join(workdir, CONFIG_FILE)
+  workdir = epath.Path(workdir)
+  path = workdir / CONFIG_FILE
   text = config.to_json_best_effort(indent=2, sort_keys=True)
   if jax.process_index() != 0:
     return
-  if os.path.exists(path):
-    with open(path) as f:
-      previous = f.read()
+  if path.exists():
+    previous = path.read_text()
     if previous != text:
       n = 1
-      while os.path.exists(os.path.join(workdir, f'config.{n}.json')):
+      while (workdir / f'config.{n}.json').exists():
         n += 1
-      os.replace(path, os.path.join(workdir, f'config.{n}.json'))
+      path.replace(workdir / f'config.{n}.json')
       logging.warning('The config differs from the run\'s previous one, kept as config.%d.json', n)
-  with open(path + '.tmp', 'w') as f:
-    f.write(text)
-  os.replace(path + '.tmp', path)
+  if paths.is_remote(workdir):
+    path.write_text(text)  # a Cloud Storage object appears whole or not at all
+  else:
+    tmp = workdir / (CONFIG_FILE + '.tmp')
+    tmp.write_text(text)
+    tmp.replace(path)
 
 
 def ensure_data(config: ml_collections.ConfigDict) -> None:
   """Builds the embedded corpus if it is the configured one and is missing."""
   data_workdir = config.data.workdir
-  if os.path.exists(os.path.join(data_workdir, 'DONE')):
+  if (epath.Path(data_workdir) / 'DONE').exists():
     return
+  if config.data.get('preset', None) == 'stdlib' and paths.is_remote(data_workdir):
+    # The data pipeline writes local files only; building "into" a URL would
+    # leave a local folder named gs:.
+    raise FileNotFoundError(
+        f'No prepared data in data.workdir={data_workdir} (no DONE). Build it locally and copy '
+        f'it there: python -m data_pipeline --config=configs/data.py:stdlib --workdir=runs/data '
+        f'&& gcloud storage rsync --recursive runs/data {data_workdir}')
   if config.data.get('preset', None) == 'stdlib':
     from data_pipeline import pipeline  # pylint: disable=g-import-not-at-top
     print(f'Data in {data_workdir} is not prepared; building the stdlib corpus first.',
           flush=True)
     pipeline.ensure_prepared(data_workdir, preset='stdlib')
     return
-  if not os.path.isdir(os.path.join(data_workdir, 'tfds')):
+  if not (epath.Path(data_workdir) / 'tfds').is_dir():
     raise FileNotFoundError(
         f'No prepared data in data.workdir={data_workdir} (no tfds/ and no DONE); run '
         f'`python -m data_pipeline --config=configs/data.py:{config.data.get("preset", "files")} '
@@ -76,23 +91,25 @@ def ensure_data(config: ml_collections.ConfigDict) -> None:
 
 def record_tokenizer(config: ml_collections.ConfigDict, workdir: str) -> str | None:
   """Copies the data's tokenizer into the run and checks it fits the model's vocabulary."""
-  source = os.path.join(config.data.workdir, TOKENIZER_FILE)
-  if not os.path.exists(source):
+  source = epath.Path(config.data.workdir) / TOKENIZER_FILE
+  if not source.exists():
     logging.warning('No tokenizer at %s; generate/evaluate will need one.', source)
     return None
   from data_pipeline import tokenizer as tokenizer_lib  # pylint: disable=g-import-not-at-top
-  vocab_size = tokenizer_lib.Tokenizer.load(source).vocab_size
+  # SentencePiece reads only local files; the bytes through epath work for gs:// too.
+  model_bytes = source.read_bytes()
+  vocab_size = tokenizer_lib.Tokenizer.from_bytes(model_bytes, os.fspath(source)).vocab_size
   if vocab_size > config.model.vocab_size:
     raise ValueError(
         f'Tokenizer {source} has {vocab_size} pieces but model.vocab_size is '
         f'{config.model.vocab_size}; set --config.model.vocab_size={vocab_size}.')
-  target = os.path.join(workdir, TOKENIZER_FILE)
+  target = epath.Path(workdir) / TOKENIZER_FILE
   if jax.process_index() == 0:
-    for suffix in ('.model', '.vocab'):
-      src = source[:-len('.model')] + suffix
-      if os.path.exists(src):
-        shutil.copyfile(src, target[:-len('.model')] + suffix)
-  return target
+    target.write_bytes(model_bytes)
+    vocab = source.with_suffix('.vocab')
+    if vocab.exists():
+      target.with_suffix('.vocab').write_bytes(vocab.read_bytes())
+  return os.fspath(target)
 
 
 def _peak_flops(mesh: jax.sharding.Mesh) -> tuple[float | None, dict[str, Any]]:
@@ -109,10 +126,10 @@ def _peak_flops(mesh: jax.sharding.Mesh) -> tuple[float | None, dict[str, Any]]:
 
 def train(config: ml_collections.ConfigDict, workdir: str) -> loop.LoopResult:
   """Pre-trains per `config` in `workdir`, resuming from its latest checkpoint."""
-  workdir = os.path.abspath(workdir)
-  os.makedirs(workdir, exist_ok=True)
+  workdir = paths.resolve_str(workdir)
+  epath.Path(workdir).mkdir(parents=True, exist_ok=True)
   with config.unlocked():
-    config.data.workdir = os.path.abspath(config.data.workdir)
+    config.data.workdir = paths.resolve_str(config.data.workdir)
   write_config(config, workdir)
   ensure_data(config)
   record_tokenizer(config, workdir)
@@ -150,7 +167,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> loop.LoopResult:
   peak, startup = _peak_flops(mesh)
   startup['model/num_params'] = model_config_lib.num_params(model_cfg)
   checkpointer = checkpoint_lib.Checkpointer(
-      os.path.join(workdir, CHECKPOINT_DIR), keep=config.keep_checkpoints)
+      os.fspath(epath.Path(workdir) / CHECKPOINT_DIR), keep=config.keep_checkpoints)
   loop_cfg = loop.LoopConfig.from_config(config)
   epoch_steps = getattr(train_loader, 'num_batches', None)   # set when num_epochs is finite
   if epoch_steps is not None:

@@ -3,7 +3,8 @@
 `load_run(workdir)` reads `<workdir>/config.json`, rebuilds the model, makes
 a mesh over the devices at hand (the run's own mesh if it fits, else every
 device on the FSDP axis) and restores only the parameters of a checkpoint,
-not the optimizer state.
+not the optimizer state. `workdir` may be a `gs://` URL; its files are read
+through `etils.epath`.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import os
 from typing import Any
 
 from absl import logging
+from etils import epath
 import jax
 import ml_collections
 
@@ -20,6 +22,7 @@ from model import config as model_config_lib
 from model import transformer
 from train import checkpoint as checkpoint_lib
 from train import mesh as mesh_lib
+from train import paths
 from train import state as state_lib
 
 CONFIG_FILE = 'config.json'
@@ -28,19 +31,18 @@ TOKENIZER_FILE = 'tokenizer.model'
 
 
 def load_config(workdir: str) -> ml_collections.ConfigDict:
-  path = os.path.join(workdir, CONFIG_FILE)
-  if not os.path.exists(path):
+  path = epath.Path(workdir) / CONFIG_FILE
+  if not path.exists():
     raise FileNotFoundError(f'{path} does not exist: is {workdir} a training run directory?')
-  with open(path) as f:
-    return ml_collections.ConfigDict(json.load(f))
+  return ml_collections.ConfigDict(json.loads(path.read_text()))
 
 
 def tokenizer_path(config: ml_collections.ConfigDict, workdir: str) -> str | None:
   """The run's copy of the tokenizer, else the one in its data workdir."""
-  for path in (os.path.join(workdir, TOKENIZER_FILE),
-               os.path.join(config.data.workdir, TOKENIZER_FILE)):
-    if os.path.exists(path):
-      return path
+  for path in (epath.Path(workdir) / TOKENIZER_FILE,
+               epath.Path(config.data.workdir) / TOKENIZER_FILE):
+    if path.exists():
+      return os.fspath(path)
   return None
 
 
@@ -61,12 +63,12 @@ def load_run(workdir: str, step: int | None = None) -> tuple[
   `tokenizer` is None if neither the run nor its data workdir holds one.
   `config.checkpoint_step` is set to the step whose params were restored.
   """
-  workdir = os.path.abspath(workdir)
+  workdir = paths.resolve_str(workdir)
   config = load_config(workdir)
   model = transformer.Transformer(model_config_lib.ModelConfig.from_config(config.model))
   mesh = _mesh_for(config)
   abstract, _ = state_lib.abstract_state(config, model, mesh)
-  checkpointer = checkpoint_lib.Checkpointer(os.path.join(workdir, CHECKPOINT_DIR),
+  checkpointer = checkpoint_lib.Checkpointer(os.fspath(epath.Path(workdir) / CHECKPOINT_DIR),
                                              read_only=True)
   restored_step, params = checkpointer.restore_params(step, abstract.params)
   config.checkpoint_step = restored_step
@@ -74,7 +76,8 @@ def load_run(workdir: str, step: int | None = None) -> tuple[
   path = tokenizer_path(config, workdir)
   if path is not None:
     from data_pipeline import tokenizer as tokenizer_lib  # pylint: disable=g-import-not-at-top
-    tokenizer = tokenizer_lib.Tokenizer.load(path)
+    # SentencePiece opens only local files; bytes read through epath also work for gs://.
+    tokenizer = tokenizer_lib.Tokenizer.from_bytes(epath.Path(path).read_bytes(), path)
   else:
     logging.warning('No tokenizer found for run %s.', workdir)
   return config, model, params, tokenizer, mesh
