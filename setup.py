@@ -29,7 +29,10 @@ setup(
     ],
     extras_require={
         'test': ['pytest>=8', 'nbclient>=0.10', 'nbformat>=5.10', 'ipykernel>=6.29'],
-        'tpu': ['jax[tpu]>=0.6,<0.11'],
+        # gcsfs: etils.epath reads and writes gs:// workdirs through it (no TensorFlow);
+        # google-cloud-storage: Orbax's CheckpointManager queries the bucket on gs://,
+        # and tensorboardX writes gs:// event files with it.
+        'tpu': ['jax[tpu]>=0.6,<0.11', 'gcsfs>=2024.2', 'google-cloud-storage>=2.14'],
         'gpu': ['jax[cuda12]>=0.6,<0.11'],
     },
 )
