@@ -6,14 +6,20 @@ Presets (`configs/pretrain.py:<preset>[,key=value,...]`):
             seq 256, batch 16, 450 steps (1.8M tokens). The demo model for a
             2-core CPU.
               python -m train --config=configs/pretrain.py:tiny --workdir=runs/tiny
-            Hardware: 2 CPU cores, float32. Wall time: MEASURED_TINY_WALL.
-            Expect: MEASURED_TINY_RESULT.
-  small     ~26M params (d 512, 8 layers, tied embeddings), seq 512, batch 32.
+            Hardware: 2 CPU cores (AMD EPYC), float32. Wall time: measured on
+            this 2-core machine at 1.2-1.35 s/step when it is otherwise idle,
+            i.e. ~10 min for 450 steps (15.6 min when other jobs shared the
+            cores). Expect (measured on the stdlib data, seed 0): train loss
+            from 14.3 (tied embeddings start high) to ~4, validation loss
+            5.11 at step 150, 4.19 at 300, 4.03 nats (perplexity 56) at 450.
+  small     ~28M params (d 512, 8 layers, tied embeddings), seq 512, batch 32.
               python -m train --config=configs/pretrain.py:small --workdir=runs/small
             A CPU can run it but slowly; meant for one GPU/TPU host.
   bench_cpu the benchmark shape of the issue: 6 layers, d 384, 6 heads, seq 256,
             batch 16, vocab 8192.
               python -m benchmarks.train_step --config=configs/pretrain.py:bench_cpu
+            Measured on the 2-core machine: ~3.0-3.1 s/step, ~118-122 GFLOP/s of
+            model FLOPs, MFU ~0.58 against the measured f32 matmul peak.
   1b        Llama-3.2-1B-like shape (d 2048, 16 layers, 32q/8kv heads, mlp 8192,
             vocab 32000, seq 2048), bf16 compute, splash attention on TPU
             ('auto'), full remat, FSDP over every chip.
