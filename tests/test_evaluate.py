@@ -85,3 +85,25 @@ def test_cut_documents_are_counted_as_unpredicted(setup):
   assert result['unpredicted_tokens'] == 2
   assert result['num_tokens'] == expected - 2
   assert result['bits_per_byte_extrapolated'] > result['bits_per_byte']
+
+
+def test_unigram_baseline_matches_hand_computation(tmp_path):
+  data_dir = str(tmp_path)
+  train_docs = [[5, 5, 6], [6, 7], [5]]
+  test_docs = [[5, 7], [8]]
+  shards.write_dataset(data_dir, {
+      'train': [(f't{i}', d, 4) for i, d in enumerate(train_docs)],
+      'test': [(f's{i}', d, 4) for i, d in enumerate(test_docs)]})
+  vocab = 10
+  counts = np.zeros(vocab)
+  for doc in train_docs:
+    for token in doc + [EOS_ID]:
+      counts[token] += 1
+  probs = (counts + 1) / (counts.sum() + vocab)
+  targets = [t for doc in test_docs for t in doc + [EOS_ID]]
+  expected = -np.mean([math.log(probs[t]) for t in targets])
+  assert evaluate.unigram_baseline(data_dir, 'test', vocab) == pytest.approx(expected, rel=1e-12)
+  # Without a train split there is no baseline, rather than a wrong one.
+  other = str(tmp_path / 'no_train')
+  shards.write_dataset(other, {'test': [('s0', [5], 4)]})
+  assert evaluate.unigram_baseline(other, 'test', vocab) is None

@@ -19,6 +19,10 @@ segment). Those tokens are counted in `unpredicted_tokens`; `loss`,
 cuts they are slightly optimistic. `bits_per_byte_extrapolated` charges each
 unpredicted token the mean loss. Pass a longer `--seq_len` to avoid cuts.
 
+`unigram_loss` is the baseline: the loss of token frequencies fitted on the
+train split (add-one smoothed), over the same split; a model that has learnt
+anything from context is well below it.
+
 Bits per byte = total nats / total UTF-8 bytes of the split's documents / ln 2.
 It does not depend on the tokenizer, so runs with different vocabularies
 compare directly.
@@ -36,10 +40,12 @@ from absl import app
 from absl import flags
 from etils import epath
 import jax
+import numpy as np
 import tqdm
 
 from data_pipeline import loader as loader_lib
 from data_pipeline import shards
+from data_pipeline import tokenizer as tokenizer_lib
 from train import distributed
 from train import mesh as mesh_lib
 from train import paths
@@ -108,6 +114,7 @@ def evaluate_split(config: Any, model: Any, params: Any, mesh: jax.sharding.Mesh
       'bits_per_byte': bits_per_byte,
       'bits_per_byte_extrapolated': (result['loss'] * expected / total_bytes / math.log(2)
                                      if total_bytes else float('nan')),
+      'unigram_loss': unigram_baseline(data_dir, split, model.config.vocab_size),
       'nats': nats,
       'num_tokens': num_tokens,
       'unpredicted_tokens': unpredicted,
@@ -117,6 +124,32 @@ def evaluate_split(config: Any, model: Any, params: Any, mesh: jax.sharding.Mesh
       'batch_size': batch_size,
       'seconds': seconds,
   }
+
+
+def _target_counts(data_dir: str, split: str, vocab_size: int) -> np.ndarray:
+  """How often each id is a prediction target in `split`: every token plus one EOS per document."""
+  counts = np.zeros(vocab_size, np.int64)
+  source = shards.data_source(data_dir, split)
+  for i in range(len(source)):
+    counts += np.bincount(source[i]['tokens'], minlength=vocab_size)[:vocab_size]
+  counts[tokenizer_lib.EOS_ID] += len(source)
+  return counts
+
+
+def unigram_baseline(data_dir: str, split: str, vocab_size: int) -> float | None:
+  """Loss (nats per token) of a unigram model fitted on the train split, on `split`.
+
+  The context-free baseline a language model must beat: with add-one smoothing,
+  -mean log p(token) over the same targets the model predicts. None when the
+  dataset has no train split.
+  """
+  try:
+    train = _target_counts(data_dir, 'train', vocab_size)
+  except ValueError:
+    return None
+  probs = (train + 1) / (train.sum() + vocab_size)
+  counts = train if split == 'train' else _target_counts(data_dir, split, vocab_size)
+  return float(-(counts * np.log(probs)).sum() / counts.sum())
 
 
 def _data_dir(config: Any, workdir: str, override: str | None) -> str:
