@@ -14,7 +14,7 @@ shell does see, the command run on the workers (`--command=...`), is built
 from argv lists with `shlex.quote` on every value, and names are checked
 against GCP's rules first, so a run name or an argument cannot smuggle in a
 command. `--dry_run` prints each gcloud command (`shlex.join`) instead of
-running it. See docs/tpu.md for the walk-through.
+running it. The README section "Cloud TPU VMs" walks through it.
 """
 
 from __future__ import annotations
