@@ -298,7 +298,9 @@ def test_pretrain_sigkill_resume_is_bitwise_exact(tmp_path, tiny_data, compile_c
   before_restart = _train_losses(killed)
   assert max(before_restart) >= 11
   assert all(before_restart[s] == expected[s] for s in before_restart), (before_restart, expected)
-  assert checkpoint.Checkpointer(str(killed / 'checkpoints')).all_steps() == [8]
+  checkpointer = checkpoint.Checkpointer(str(killed / 'checkpoints'), read_only=True)
+  assert checkpointer.all_steps() == [8]
+  checkpointer.close()
 
   result = _run_train(killed, tiny_data, compile_cache)
   assert result.returncode == 0, result.stderr[-3000:]

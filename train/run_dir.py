@@ -70,7 +70,10 @@ def load_run(workdir: str, step: int | None = None) -> tuple[
   abstract, _ = state_lib.abstract_state(config, model, mesh)
   checkpointer = checkpoint_lib.Checkpointer(os.fspath(epath.Path(workdir) / CHECKPOINT_DIR),
                                              read_only=True)
-  restored_step, params = checkpointer.restore_params(step, abstract.params)
+  try:
+    restored_step, params = checkpointer.restore_params(step, abstract.params)
+  finally:
+    checkpointer.close()  # Orbax's background threads must not outlive the restore.
   config.checkpoint_step = restored_step
   tokenizer = None
   path = tokenizer_path(config, workdir)
