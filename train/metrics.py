@@ -154,12 +154,7 @@ class MetricsWriter:
       return []
     kept = [json.dumps(r) + '\n' for r in read_metrics(self.workdir)
             if int(r.get('step', 0)) <= step]
-    if self.remote:
-      self.path.write_text(''.join(kept))   # one object write replaces it whole
-    else:
-      tmp = self.path.parent / (self.path.name + '.tmp')
-      tmp.write_text(''.join(kept))
-      tmp.replace(self.path)
+    paths.write_text_atomic(self.path, ''.join(kept))
     return kept
 
   def write(self, step: int, metrics: Mapping[str, Any], *, print_line: bool = True,

@@ -32,3 +32,17 @@ def resolve(path: str | os.PathLike[str]) -> epath.Path:
 def resolve_str(path: str | os.PathLike[str]) -> str:
   """`resolve` as a string (`gs://...` keeps its scheme), for configs and Orbax."""
   return os.fspath(resolve(path))
+
+
+def write_text_atomic(path: epath.Path, text: str) -> None:
+  """Replaces the file at `path` whole, so a reader never sees half of it.
+
+  Locally through a temporary file and a rename; a Cloud Storage object
+  already appears whole or not at all, so it is written directly.
+  """
+  if is_remote(path):
+    path.write_text(text)
+    return
+  tmp = path.parent / (path.name + '.tmp')
+  tmp.write_text(text)
+  tmp.replace(path)

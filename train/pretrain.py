@@ -56,12 +56,7 @@ def write_config(config: ml_collections.ConfigDict, workdir: str) -> None:
         n += 1
       path.replace(workdir / f'config.{n}.json')
       logging.warning('The config differs from the run\'s previous one, kept as config.%d.json', n)
-  if paths.is_remote(workdir):
-    path.write_text(text)  # a Cloud Storage object appears whole or not at all
-  else:
-    tmp = workdir / (CONFIG_FILE + '.tmp')
-    tmp.write_text(text)
-    tmp.replace(path)
+  paths.write_text_atomic(path, text)
 
 
 def ensure_data(config: ml_collections.ConfigDict) -> None:
