@@ -63,15 +63,8 @@ RULE_PRESETS: dict[str, Rules] = {
         ('layers', None),
         ('kv', None),
         ('norm', None),
-        ('activation_batch', ('data', 'fsdp')),
-        ('activation_length', None),
-        ('activation_embed', None),
-        ('activation_heads', None),
-        ('activation_kv_heads', None),
-        ('activation_kv', None),
-        ('activation_mlp', None),
-        ('activation_vocab', None),
-    ),
+    ) + tuple(  # the shared activation rules, with nothing on 'tensor'
+        (name, None if axis == 'tensor' else axis) for name, axis in _ACTIVATIONS),
     # Tensor parallelism only; parameters are replicated over data and fsdp.
     'tp': (
         ('embed', None),
