@@ -14,6 +14,15 @@ from typing import Callable, Mapping
 
 import ml_collections
 
+from configs.cli import UserError
+
+
+class ConfigKeyError(UserError, KeyError):
+  """A config key or preset that does not exist; the message names the valid ones."""
+
+  def __str__(self) -> str:   # KeyError would quote the message
+    return str(self.args[0]) if self.args else ''
+
 
 def split_arg(arg: str | None, default_preset: str) -> tuple[str, list[tuple[str, str]]]:
   """Splits `'tiny,a.b=1,c=x'` into `('tiny', [('a.b', '1'), ('c', 'x')])`."""
@@ -24,7 +33,7 @@ def split_arg(arg: str | None, default_preset: str) -> tuple[str, list[tuple[str
   overrides = []
   for item in items:
     if '=' not in item:
-      raise ValueError(f'Config override {item!r} is not of the form key=value.')
+      raise UserError(f'Config override {item!r} is not of the form key=value.')
     key, value = item.split('=', 1)
     overrides.append((key.strip(), value.strip()))
   return preset, overrides
@@ -74,11 +83,16 @@ def apply_override(config: ml_collections.ConfigDict, key: str, text: str) -> No
     if not isinstance(node, ml_collections.ConfigDict) or part not in node:
       where = '.'.join(parts[:depth]) or 'the config'
       valid = sorted(node.keys()) if isinstance(node, ml_collections.ConfigDict) else []
-      raise KeyError(f'Unknown config key {key!r}: {where} has no {part!r}; valid keys: {valid}')
+      raise ConfigKeyError(
+          f'Unknown config key {key!r}: {where} has no {part!r}; valid keys: {valid}')
     if depth < len(parts) - 1:
       node = node[part]
   leaf = parts[-1]
-  node[leaf] = parse_value(text, node[leaf])
+  try:
+    node[leaf] = parse_value(text, node[leaf])
+  except (ValueError, TypeError) as e:
+    raise UserError(f'Config key {key!r}: cannot use {text!r} '
+                    f'(expected {type(node[leaf]).__name__}): {e}') from None
 
 
 def build(arg: str | None, presets: Mapping[str, Callable[[], ml_collections.ConfigDict]],
@@ -86,7 +100,7 @@ def build(arg: str | None, presets: Mapping[str, Callable[[], ml_collections.Con
   """Builds the named preset and applies the overrides in `arg`."""
   preset, overrides = split_arg(arg, default_preset)
   if preset not in presets:
-    raise KeyError(f'Unknown preset {preset!r}; valid presets: {sorted(presets)}')
+    raise ConfigKeyError(f'Unknown preset {preset!r}; valid presets: {sorted(presets)}')
   config = presets[preset]()
   with config.unlocked():
     config.preset = preset

@@ -12,6 +12,8 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
+from configs import cli
+
 from train import distributed
 from train import loop
 from train import pretrain
@@ -39,4 +41,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == '__main__':
-  app.run(main)
+  cli.run(main)
