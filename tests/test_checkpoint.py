@@ -175,3 +175,96 @@ def test_restores_onto_a_different_mesh(tmp_path):
                           env=env, capture_output=True, text=True, timeout=120,
                           cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
   assert result.returncode == 0 and 'OK' in result.stdout, result.stderr[-3000:]
+
+
+def _two_steps(directory: str) -> None:
+  ckpt = checkpoint.Checkpointer(directory, keep=3)
+  ckpt.save(1, _state(1), {'index': 1})
+  ckpt.save(2, _state(2), {'index': 2})
+  ckpt.close()
+
+
+def _step_files(directory: str) -> dict[str, bytes]:
+  out = {}
+  for root, _, names in os.walk(directory):
+    for name in names:
+      path = os.path.join(root, name)
+      with open(path, 'rb') as f:
+        out[os.path.relpath(path, directory)] = f.read()
+  return out
+
+
+@pytest.mark.parametrize('change', ['shape', 'extra_key', 'missing_key'])
+def test_a_state_tree_mismatch_names_the_keys_and_moves_nothing(tmp_path, change):
+  directory = str(tmp_path / 'ckpt')
+  _two_steps(directory)
+  before = _step_files(directory)
+  abstract = _abstract()
+  params = dict(abstract.params)
+  if change == 'shape':
+    params['w'] = jax.ShapeDtypeStruct((16, 64), jnp.float32, sharding=params['w'].sharding)
+    expected = r'params/w has shape \(32, 64\) in the checkpoint but \(16, 64\) in this run'
+  elif change == 'extra_key':
+    params['new'] = params['b']
+    expected = 'params/new is in this run but not in the checkpoint'
+  else:
+    del params['b']
+    expected = 'params/b is in the checkpoint but not in this run'
+  abstract = abstract.replace(params=params)
+  ckpt = checkpoint.Checkpointer(directory, keep=3)
+  with pytest.raises(checkpoint.CheckpointMismatchError, match=expected) as info:
+    ckpt.restore_latest(abstract)
+  assert f'{directory}/2' in str(info.value)
+  # Restoring only the params (generate / evaluate / init_from) checks the same.
+  with pytest.raises(checkpoint.CheckpointMismatchError, match=expected):
+    ckpt.restore_params(None, abstract.params)
+  ckpt.close()
+  assert not os.path.exists(directory + '.corrupt')
+  assert _step_files(directory) == before
+
+
+def _failing_restore(ckpt, errors):
+  """Makes the manager's restore raise `errors` in turn, then work."""
+  real = ckpt._manager.restore
+  calls = []
+
+  def restore(step, args=None):
+    calls.append(step)
+    if errors:
+      raise errors.pop(0)
+    return real(step, args=args)
+
+  ckpt._manager.restore = restore
+  return calls
+
+
+def test_transient_read_errors_are_retried(tmp_path, monkeypatch):
+  monkeypatch.setattr(checkpoint, 'RETRY_SECONDS', 0.0)
+  directory = str(tmp_path / 'ckpt')
+  _two_steps(directory)
+  ckpt = checkpoint.Checkpointer(directory, keep=3)
+  calls = _failing_restore(ckpt, [TimeoutError('read timed out'),
+                                  ValueError('UNAVAILABLE: backend error 503')])
+  state, loader_state = ckpt.restore_latest(_abstract())
+  _assert_state_equal(state, _state(2))
+  assert calls == [2, 2, 2] and loader_state == {'index': 2}
+  ckpt.close()
+
+
+@pytest.mark.parametrize('error', [
+    TimeoutError('read timed out'),                       # transient, but it persists
+    RuntimeError('RESOURCE_EXHAUSTED: Out of memory while trying to allocate'),
+    ValueError('some error nobody foresaw'),
+])
+def test_other_restore_errors_fail_loudly_and_move_nothing(tmp_path, monkeypatch, error):
+  monkeypatch.setattr(checkpoint, 'RETRY_SECONDS', 0.0)
+  directory = str(tmp_path / 'ckpt')
+  _two_steps(directory)
+  before = _step_files(directory)
+  ckpt = checkpoint.Checkpointer(directory, keep=3)
+  _failing_restore(ckpt, [error] * checkpoint.RESTORE_ATTEMPTS)
+  with pytest.raises(checkpoint.CheckpointError, match=f'{directory}/2.*left in place'):
+    ckpt.restore_latest(_abstract())
+  ckpt.close()
+  assert not os.path.exists(directory + '.corrupt')
+  assert _step_files(directory) == before

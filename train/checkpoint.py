@@ -12,9 +12,24 @@ Saves are asynchronous (the device keeps training while the host writes); call
 `wait()` or `close()` before the process exits. The manager keeps the latest
 `keep` checkpoints plus the one with the lowest `eval/loss`.
 
-A step directory that is incomplete (a missing file or commit marker) or that
-fails to restore (a truncated array file) is reported with its step and path,
-moved aside to `<directory>.corrupt/`, and the previous good step is restored.
+What a failed restore means decides what happens to the step:
+
+* corrupt: a missing commit marker or required file, an empty file, or an
+  array file shorter than its index says (truncated). Reported with its step
+  and path, moved aside to `<directory>.corrupt/`, and the previous good step
+  is restored.
+* a mismatch: the checkpoint's state tree (keys and shapes, extra keys
+  included) differs from the one this run builds, because the config changed
+  (`scan_layers`, the model shape, the optimizer chain). A clear error naming
+  the differing keys and the directory; nothing is moved.
+* transient (an unavailable or timed-out read, a dropped connection): retried
+  a few times, then a loud failure; nothing is moved.
+* anything else (out of memory, an unknown error): a loud failure; nothing is
+  moved. A good checkpoint is never destroyed because it could not be read now.
+
+On several processes every process classifies its own attempt and they agree
+on the worst outcome (a collective), so all fall back, or all fail, together
+and no host waits at a barrier the others never reach.
 
 The directory may be local or on Cloud Storage (`gs://bucket/run/checkpoints`):
 Orbax takes either, and this module's own files (loader states, the checks
@@ -34,8 +49,10 @@ from typing import Any
 from absl import logging
 from etils import epath
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
+from configs.cli import UserError
 from train import paths
 
 STATE = 'state'
@@ -107,6 +124,104 @@ class LoaderRestore(ocp.args.CheckpointArgs):
 
 class CheckpointError(RuntimeError):
   """A checkpoint step that cannot be restored; the message names step and path."""
+
+
+class CorruptCheckpointError(CheckpointError):
+  """A step that is incomplete or truncated on disk: safe to move aside."""
+
+
+class CheckpointMismatchError(UserError, CheckpointError):
+  """The checkpoint's state tree differs from the run's (a config change); nothing moves."""
+
+
+# Words in a restore error (anywhere in its chain) that mean: the files of the
+# step are damaged. TensorStore reports a truncated OCDBT file as OUT_OF_RANGE
+# ("Requested byte range [0, 4837) is not valid for value of size 2620").
+_CORRUPT_MARKERS = ('FileNotFoundError:', 'NOT_FOUND', 'OUT_OF_RANGE', 'DATA_LOSS', 'is not valid for value of size',
+                    'truncated', 'Truncated', 'corrupt', 'Corrupt', 'checksum',
+                    'Unexpected end', 'unexpected end of')
+# ... and: a read that may work if tried again.
+_TRANSIENT_MARKERS = ('UNAVAILABLE', 'DEADLINE_EXCEEDED', 'ABORTED', 'Connection reset',
+                      'Temporary failure', 'timed out', '503', '429')
+RESTORE_ATTEMPTS = 3
+RETRY_SECONDS = 1.0
+
+# Restore outcomes, ordered by severity: processes agree on the worst one.
+_OK, _CORRUPT, _FAILED = 0, 1, 2
+
+
+def _error_chain_text(error: BaseException) -> str:
+  parts, seen = [], set()
+  while error is not None and id(error) not in seen:
+    seen.add(id(error))
+    parts.append(f'{type(error).__name__}: {error}')
+    error = error.__cause__ or error.__context__
+  return '\n'.join(parts)
+
+
+def _is_transient(error: BaseException) -> bool:
+  if isinstance(error, (TimeoutError, ConnectionError)):
+    return True
+  text = _error_chain_text(error)
+  return any(m in text for m in _TRANSIENT_MARKERS)
+
+
+def _is_corrupt(error: BaseException) -> bool:
+  text = _error_chain_text(error)
+  return any(m in text for m in _CORRUPT_MARKERS)
+
+
+def _first_line(error: BaseException) -> str:
+  """The most specific one-line description: the innermost error that says something."""
+  chain = []
+  while error is not None and error not in chain:
+    chain.append(error)
+    error = error.__cause__ or error.__context__
+  for e in reversed(chain):
+    text = str(e).strip()
+    if text:
+      return f'{type(e).__name__}: {text.splitlines()[0][:300]}'
+  return type(chain[0]).__name__
+
+
+def _agree(code: int) -> int:
+  """The worst outcome over all processes (a collective when there are several)."""
+  if jax.process_count() == 1:
+    return code
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  return int(np.max(multihost_utils.process_allgather(np.int32(code))))
+
+
+def _key_name(key: Any) -> str:
+  for attr in ('key', 'name', 'idx'):
+    if hasattr(key, attr):
+      return str(getattr(key, attr))
+  return str(key)
+
+
+def tree_shapes(tree: Any) -> dict[tuple[str, ...], tuple[int, ...]]:
+  """{('params', 'embed', 'embedding'): shape} for every array leaf, as Orbax names them."""
+  def shape(leaf) -> tuple[int, ...]:
+    if jax.dtypes.issubdtype(getattr(leaf, 'dtype', None), jax.dtypes.prng_key):   # stored as its key data
+      return tuple(jax.eval_shape(jax.random.key_data, leaf).shape)
+    return tuple(leaf.shape)
+  flat = jax.tree_util.tree_flatten_with_path(tree)[0]
+  return {tuple(_key_name(k) for k in path): shape(leaf) for path, leaf in flat}
+
+
+def tree_differences(saved: dict[tuple[str, ...], tuple[int, ...]],
+                     target: dict[tuple[str, ...], tuple[int, ...]]) -> list[str]:
+  """Human-readable differences between a checkpoint's tree and the target's."""
+  out = []
+  for key in sorted(set(saved) - set(target)):
+    out.append(f'{"/".join(key)} is in the checkpoint but not in this run')
+  for key in sorted(set(target) - set(saved)):
+    out.append(f'{"/".join(key)} is in this run but not in the checkpoint')
+  for key in sorted(set(saved) & set(target)):
+    if tuple(saved[key]) != tuple(target[key]):
+      out.append(f'{"/".join(key)} has shape {tuple(saved[key])} in the checkpoint but '
+                 f'{tuple(target[key])} in this run')
+  return out
 
 
 def eval_loss_of(metrics: dict[str, Any] | None) -> float:
@@ -221,6 +336,55 @@ class Checkpointer:
       if path.stat().length == 0:
         raise CheckpointError(f'Checkpoint step {step} at {step_dir} is corrupt: {rel} is empty')
 
+  def saved_shapes(self, step: int) -> dict[tuple[str, ...], tuple[int, ...]] | None:
+    """Global array keys and shapes of the `state` item of `step` (Orbax's metadata).
+
+    None if the metadata cannot be read; then the restore itself decides.
+    """
+    try:
+      metadata = ocp.StandardCheckpointHandler().metadata(
+          epath.Path(self.step_dir(step)) / STATE)
+    except Exception:  # pylint: disable=broad-except  # a pre-check only; restore reports
+      return None
+    return tree_shapes(getattr(metadata, 'item_metadata', metadata))
+
+  def check_matches(self, step: int, abstract: Any, prefix: tuple[str, ...] = ()) -> None:
+    """Raises CheckpointMismatchError if `step`'s tree (under `prefix`) differs from `abstract`."""
+    saved = self.saved_shapes(step)
+    if saved is None:
+      return
+    saved = {k: v for k, v in saved.items() if k[:len(prefix)] == prefix}
+    target = {prefix + k: v for k, v in tree_shapes(abstract).items()}
+    differences = tree_differences(saved, target)
+    if differences:
+      shown = '; '.join(differences[:8])
+      more = f' (and {len(differences) - 8} more)' if len(differences) > 8 else ''
+      raise CheckpointMismatchError(
+          f'Checkpoint step {step} at {self.step_dir(step)} does not match the state this run '
+          f'builds ({len(differences)} differences: {shown}{more}). The config changed since '
+          f'the checkpoint was written; use the config it was written with, or a new workdir. '
+          f'Nothing was moved.')
+
+  def _restore_with_retries(self, step: int, args: Any) -> Any:
+    """Orbax's restore; transient errors are retried, others classified and re-raised."""
+    for attempt in range(RESTORE_ATTEMPTS):
+      try:
+        return self._manager.restore(step, args=args)
+      except Exception as e:  # pylint: disable=broad-except  # classified just below
+        where = f'Checkpoint step {step} at {self.step_dir(step)}'
+        if _is_corrupt(e):
+          raise CorruptCheckpointError(f'{where} is corrupt: {_first_line(e)}') from e
+        if _is_transient(e) and attempt + 1 < RESTORE_ATTEMPTS:
+          print(f'WARNING: {where}: transient read error ({_first_line(e)}); retrying.',
+                file=sys.stderr, flush=True)
+          time.sleep(RETRY_SECONDS * 2**attempt)
+          continue
+        kind = 'a transient error that persisted' if _is_transient(e) else 'an error'
+        raise CheckpointError(
+            f'{where} could not be restored ({kind}: {_first_line(e)}). It was left in place; '
+            f'fix the cause and start again.') from e
+    raise AssertionError('unreachable')
+
   def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict[str, Any]]:
     """Restores `step` onto the shardings in `abstract_state`.
 
@@ -228,37 +392,56 @@ class Checkpointer:
     with `sharding` set (e.g. from `jax.eval_shape` plus the state shardings).
     Returns (state, loader_state); loader_state is this process's, or None if
     the step was written by a different number of processes. Raises
-    CheckpointError if the step is unreadable.
+    CorruptCheckpointError (damaged files), CheckpointMismatchError (another
+    state tree) or CheckpointError (anything else); see the module docstring.
     """
-    self.check_step(step)
+    try:
+      self.check_step(step)
+    except CheckpointError as e:
+      raise CorruptCheckpointError(str(e)) from None
+    self.check_matches(step, abstract_state)
     args = ocp.args.Composite(**{
         STATE: ocp.args.StandardRestore(abstract_state),
         LOADER: LoaderRestore(),
         META: ocp.args.JsonRestore(),
     })
     try:
-      restored = self._manager.restore(step, args=args)
-    except Exception as e:  # Orbax/TensorStore raise many types; all mean "unreadable".
-      first_line = str(e).strip().splitlines()[0][:300] if str(e).strip() else ''
-      raise CheckpointError(
-          f'Checkpoint step {step} at {self.step_dir(step)} is corrupt or unreadable: '
-          f'{type(e).__name__}: {first_line}') from e
+      restored = self._restore_with_retries(step, args)
+    except FileNotFoundError as e:   # a loader state file missing: the step is incomplete
+      raise CorruptCheckpointError(
+          f'Checkpoint step {step} at {self.step_dir(step)} is incomplete: {e}') from e
     return restored[STATE], restored[LOADER]
 
   def restore_latest(self, abstract_state: Any) -> tuple[Any, dict[str, Any]] | None:
     """Restores the newest good step; None if the directory holds none.
 
-    A bad newest step is reported (stderr and log), moved aside, and the one
-    before it is tried.
+    A corrupt newest step is reported (stderr and log), moved aside, and the
+    one before it is tried; any other failure is raised and moves nothing
+    (module docstring). All processes take the same decision.
     """
     for step in reversed(self.all_steps()):
+      error, outcome, restored = None, _OK, None
       try:
-        return self.restore(step, abstract_state)
-      except CheckpointError as e:
-        message = f'{e}. Falling back to the previous checkpoint.'
-        logging.error(message)
-        print(f'WARNING: {message}', file=sys.stderr, flush=True)
-        self._quarantine(step)
+        restored = self.restore(step, abstract_state)
+      except CorruptCheckpointError as e:
+        error, outcome = e, _CORRUPT
+      except Exception as e:  # pylint: disable=broad-except  # re-raised after agreeing
+        error, outcome = e, _FAILED
+      agreed = _agree(outcome)
+      if agreed == _OK:
+        return restored
+      if agreed == _FAILED:
+        if outcome == _FAILED:
+          raise error
+        raise CheckpointError(
+            f'Checkpoint step {step} at {self.step_dir(step)} could not be restored on another '
+            'process (see its log); nothing was moved.') from error
+      message = (f'{error}. Falling back to the previous checkpoint.' if error is not None else
+                 f'Checkpoint step {step} at {self.step_dir(step)} is corrupt on another '
+                 'process. Falling back to the previous checkpoint.')
+      logging.error(message)
+      print(f'WARNING: {message}', file=sys.stderr, flush=True)
+      self._quarantine(step)
     return None
 
   def restore_params(self, step: int | None, abstract_params: Any) -> tuple[int, Any]:
@@ -272,6 +455,9 @@ class Checkpointer:
                             f'in {self.directory}; saved steps: {self.all_steps()}')
     errors = []
     for s in steps:
+      # Exactly the run's parameter tree, extra keys included: a partial restore
+      # (e.g. 2 of a run's 4 layers) is never silent.
+      self.check_matches(s, abstract_params, prefix=('params',))
       try:
         self.check_step(s)
         # A fresh read-only manager: the `state` item is read here with the
