@@ -157,5 +157,10 @@ def run(main: Callable[[list[str]], object]) -> None:
       if flags.FLAGS.debug or flags.FLAGS.verbosity >= 1:
         raise
       fail(e)
+    except KeyboardInterrupt:   # a second Ctrl-C: the user asked to abort, not a bug
+      if flags.FLAGS.debug:
+        raise
+      print('\naborted (Ctrl-C).', file=sys.stderr, flush=True)
+      sys.exit(130)
 
   app.run(checked_main, flags_parser=_parse_flags)

@@ -43,6 +43,8 @@ from __future__ import annotations
 import ml_collections
 
 from configs import overrides
+from configs import validation as v
+from configs.cli import UserError
 
 
 def _model(**kwargs) -> ml_collections.ConfigDict:
@@ -212,3 +214,45 @@ PRESETS = {
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   return overrides.build(arg, PRESETS, default_preset='tiny')
+
+
+RULES: tuple[v.Rule, ...] = (
+    ('seq_len', v.is_int(2), 'an int >= 2'),
+    ('batch_size', v.is_int(1), 'an int >= 1'),
+    ('num_train_steps', v.is_int(0), 'an int >= 0 (0: until num_epochs ends)'),
+    ('num_epochs', v.optional(v.is_int(1)), 'None or an int >= 1'),
+    ('eval_every', v.is_int(0), 'an int >= 0 (0: no evaluation during training)'),
+    ('eval_steps', v.is_int(-1), 'an int >= -1 (0 or -1: the whole validation split)'),
+    ('checkpoint_every', v.is_int(0), 'an int >= 0'),
+    ('keep_checkpoints', v.is_int(1), 'an int >= 1'),
+    ('patience', v.is_int(0), 'an int >= 0'),
+    ('log_every', v.is_int(1), 'an int >= 1'),
+    ('seed', v.is_int(), 'an int'),
+    ('optimizer.learning_rate', v.is_number(0.0, low_open=True), 'a number > 0'),
+    ('optimizer.warmup_steps', v.is_int(0), 'an int >= 0'),
+    ('optimizer.end_lr_factor', v.is_number(0.0, 1.0), 'a number in [0, 1]'),
+    ('optimizer.weight_decay', v.is_number(0.0), 'a number >= 0'),
+    ('optimizer.b1', v.is_number(0.0, 1.0, high_open=True), 'a number in [0, 1)'),
+    ('optimizer.b2', v.is_number(0.0, 1.0, high_open=True), 'a number in [0, 1)'),
+    ('optimizer.eps', v.is_number(0.0, low_open=True), 'a number > 0'),
+    ('optimizer.grad_clip_norm', v.is_number(0.0), 'a number >= 0 (0: no clipping)'),
+    ('optimizer.grad_accum_steps', v.is_int(1), 'an int >= 1'),
+    ('loss.z_loss', v.is_number(0.0), 'a number >= 0'),
+)
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+  """Checks ranges and the combinations that would hang or silently misbehave."""
+  v.check(config, RULES)
+  if config.seq_len > config.model.max_len:
+    raise UserError(f'config key seq_len={config.seq_len} is longer than '
+                    f'model.max_len={config.model.max_len}; raise model.max_len or lower '
+                    'seq_len.')
+  if config.num_train_steps == 0 and config.num_epochs is None:
+    raise UserError('config key num_train_steps=0 means "until the data ends", but '
+                    'num_epochs is not set and the data repeats forever: set '
+                    '--config.num_epochs=N, or num_train_steps > 0.')
+  accum = config.optimizer.grad_accum_steps
+  if config.batch_size % accum:
+    raise UserError(f'config key batch_size={config.batch_size} is not a multiple of '
+                    f'optimizer.grad_accum_steps={accum}.')

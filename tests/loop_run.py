@@ -14,7 +14,6 @@ from __future__ import annotations
 import os
 import time
 
-from absl import app
 import jax
 import jax.numpy as jnp
 
@@ -47,5 +46,6 @@ def _hooked(make_train_step):
 if __name__ == '__main__':
   steps.make_train_step = _hooked(steps.make_train_step)
   mfu.measure_cpu_matmul_flops = lambda *args, **kwargs: 1e11
+  from configs import cli  # pylint: disable=g-import-not-at-top
   from train import __main__ as train_main  # pylint: disable=g-import-not-at-top
-  app.run(train_main.main)
+  cli.run(train_main.main)

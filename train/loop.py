@@ -17,7 +17,9 @@ How it keeps the device busy and the checkpoints clean:
   were read and found finite (the pending read is flushed first), so the
   state produced by a bad step is never saved.
 * SIGTERM (preemption) only sets a flag; at the next step boundary the loop
-  saves a checkpoint and returns cleanly.
+  saves a checkpoint and returns cleanly. The first Ctrl-C (SIGINT) does the
+  same (it is turned into a SIGTERM to this process, so on several processes
+  it goes through JAX's preemption sync too); a second Ctrl-C aborts at once.
 * A run on a workdir with a checkpoint restores state and loader state and
   continues; the step rng is `fold_in(rng, step)`, so a resumed run repeats
   the uninterrupted one bit for bit.
@@ -28,7 +30,9 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import math
+import os
 import signal
+import sys
 import threading
 import time
 from typing import Any, Callable, Iterable, Iterator, Mapping
@@ -134,16 +138,28 @@ class _Preemption:
 
   def __init__(self):
     self.requested = False
+    self.interrupted = False
     self._previous = None
     self._multiprocess = jax.process_count() > 1
 
   def __enter__(self) -> _Preemption:
+    self._previous_int = None
+    if threading.current_thread() is threading.main_thread():
+      self._previous_int = signal.signal(signal.SIGINT, self._handle_interrupt)
     if self._multiprocess and self._sync_service_available():
       return self
     self._multiprocess = False
     if threading.current_thread() is threading.main_thread():
       self._previous = signal.signal(signal.SIGTERM, self._handle)
     return self
+
+  def _handle_interrupt(self, signum, frame) -> None:  # pylint: disable=unused-argument
+    """First Ctrl-C: a clean stop with a checkpoint; the second one aborts."""
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    print('\nCtrl-C: saving a checkpoint at the next step boundary and exiting '
+          '(press Ctrl-C again to abort without saving).', file=sys.stderr, flush=True)
+    self.interrupted = True
+    os.kill(os.getpid(), signal.SIGTERM)
 
   @staticmethod
   def _sync_service_available() -> bool:
@@ -166,6 +182,8 @@ class _Preemption:
   def __exit__(self, *exc) -> None:
     if self._previous is not None:
       signal.signal(signal.SIGTERM, self._previous)
+    if self._previous_int is not None:
+      signal.signal(signal.SIGINT, self._previous_int)
 
 
 def _host_metrics(step: int, device_metrics: Mapping[str, Any]) -> dict[str, float]:
@@ -185,15 +203,19 @@ def run(*, workdir: str, loop_cfg: LoopConfig, train_step: Callable[[Any, Any], 
         abstract_state: Any, evaluate: Callable[[Any], Mapping[str, float]] | None = None,
         tokens_per_step: int | None = None, flops_per_token: float | None = None,
         peak_flops: float | None = None, startup_metrics: Mapping[str, Any] | None = None,
-        console: bool = True) -> LoopResult:
+        console: bool = True, on_ready: Callable[[], None] | None = None) -> LoopResult:
   """Trains until `num_train_steps`, the end of the data, early stopping or SIGTERM.
 
   `init_state()` is called only when `checkpointer` has nothing to resume;
   `abstract_state` (ShapeDtypeStructs with shardings) is the restore target.
   `tokens_per_step` (global batch x length) gives `tokens` and tokens/s;
   `flops_per_token` and `peak_flops` (of all devices in use) give MFU.
+  `on_ready()` runs once the state is restored or initialised, before the
+  first metric is written: a start refused by the restore writes nothing.
   """
   state, start_step = restore_or_init(checkpointer, train_loader, init_state, abstract_state)
+  if on_ready is not None:   # e.g. the stage writes config.json only now
+    on_ready()
   total = loop_cfg.num_train_steps
   writer = metrics_lib.MetricsWriter(workdir, total_steps=total, start_step=start_step,
                                      console=console)
@@ -269,7 +291,8 @@ def run(*, workdir: str, loop_cfg: LoopConfig, train_step: Callable[[Any, Any], 
       while total is None or step < total:
         if preemption.reached(step):
           reason = 'preempted'
-          writer.message(f'SIGTERM received: saving a checkpoint at step {step} and exiting.')
+          what = 'Ctrl-C' if preemption.interrupted else 'SIGTERM'
+          writer.message(f'{what} received: saving a checkpoint at step {step} and exiting.')
           break
         try:
           local_batch = next(train_loader)

@@ -7,9 +7,10 @@
 Non-finite floats are written as the strings "nan"/"inf"/"-inf" so the file
 stays strict JSON; `float()` reads them back.
 
-On resume the writer drops records newer than the restored step (they belong
-to the interrupted run's lost future) and a torn last line, so the file
-always tells one consistent history. Only process 0 writes.
+On resume the writer moves records newer than the restored step (they belong
+to the interrupted run's lost future) to `metrics.discarded.jsonl` and drops a
+torn last line, so the file always tells one consistent history and nothing
+is deleted. Only process 0 writes.
 
 A workdir on Cloud Storage (`gs://...`): an object cannot be appended to, so
 the writer keeps the run's records in memory and rewrites the whole
@@ -38,6 +39,7 @@ import jax
 from train import paths
 
 METRICS_FILE = 'metrics.jsonl'
+DISCARDED_FILE = 'metrics.discarded.jsonl'
 TENSORBOARD_DIR = 'tensorboard'
 
 
@@ -149,11 +151,21 @@ class MetricsWriter:
     return tensorboardX.SummaryWriter(logdir, purge_step=start_step + 1 if start_step else None)
 
   def _truncate_after(self, step: int) -> list[str]:
-    """Drops records newer than `step` from the file; returns the kept lines."""
+    """Moves records newer than `step` to metrics.discarded.jsonl; returns the kept lines.
+
+    They belong to a future the restored state never had (steps after the
+    last checkpoint, or a whole history whose checkpoints were all corrupt),
+    but are kept aside rather than deleted.
+    """
     if not self.path.exists():
       return []
-    kept = [json.dumps(r) + '\n' for r in read_metrics(self.workdir)
-            if int(r.get('step', 0)) <= step]
+    records = read_metrics(self.workdir)
+    kept = [json.dumps(r) + '\n' for r in records if int(r.get('step', 0)) <= step]
+    dropped = [json.dumps(r) + '\n' for r in records if int(r.get('step', 0)) > step]
+    if dropped:
+      discarded = epath.Path(self.workdir) / DISCARDED_FILE
+      previous = discarded.read_text() if discarded.exists() else ''
+      paths.write_text_atomic(discarded, previous + ''.join(dropped))
     paths.write_text_atomic(self.path, ''.join(kept))
     return kept
 

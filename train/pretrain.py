@@ -1,12 +1,16 @@
 """Pre-training: next-token prediction on a prepared corpus, with the shared loop.
 
 `train(config, workdir)` is what `python -m train` runs:
-  1. writes `<workdir>/config.json` (with a local `data.workdir` made absolute,
-     so generate/evaluate find the data and tokenizer from any directory);
+  1. checks the workdir and the config (ranges, combinations, the batch over
+     the mesh) before anything is written;
   2. builds the embedded `stdlib` corpus first if its `DONE` marker is missing;
-  3. copies the tokenizer into the run (`<workdir>/tokenizer.model`);
+  3. reads the data's tokenizer and fingerprint, and on resume refuses data
+     or a tokenizer other than the run's (train/run_files.py);
   4. builds the mesh, the model, the sharded state (or restores it), the
-     loaders and the jitted steps, and hands them to `train.loop.run`.
+     loaders and the jitted steps, and hands them to `train.loop.run`, which
+     writes config.json (a local `data.workdir` made absolute, so generate and
+     evaluate find the data from any directory), tokenizer.model and data.json
+     once the state is restored or initialised.
 
 The run and data workdirs may be Cloud Storage URLs (`gs://bucket/run`, as
 on a TPU pod): every file here goes through `etils.epath` and a URL is never
@@ -17,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 from typing import Any
 
@@ -25,6 +30,8 @@ from etils import epath
 import jax
 import ml_collections
 
+from configs import pretrain as pretrain_config
+from configs.cli import UserError
 from data_pipeline import loader as loader_lib
 from model import config as model_config_lib
 from model import transformer
@@ -33,31 +40,9 @@ from train import loop
 from train import mesh as mesh_lib
 from train import mfu
 from train import paths
+from train import run_files
 from train import state as state_lib
 from train import steps as steps_lib
-
-CONFIG_FILE = 'config.json'
-CHECKPOINT_DIR = 'checkpoints'
-TOKENIZER_FILE = 'tokenizer.model'
-
-
-def write_config(config: ml_collections.ConfigDict, workdir: str) -> None:
-  """`<workdir>/config.json`; a changed config on resume is kept as config.<n>.json."""
-  workdir = epath.Path(workdir)
-  path = workdir / CONFIG_FILE
-  text = config.to_json_best_effort(indent=2, sort_keys=True)
-  if jax.process_index() != 0:
-    return
-  if path.exists():
-    previous = path.read_text()
-    if previous != text:
-      n = 1
-      while (workdir / f'config.{n}.json').exists():
-        n += 1
-      path.replace(workdir / f'config.{n}.json')
-      logging.warning('The config differs from the run\'s previous one, kept as config.%d.json', n)
-  paths.write_text_atomic(path, text)
-
 
 def ensure_data(config: ml_collections.ConfigDict) -> None:
   """Builds the embedded corpus if it is the configured one and is missing."""
@@ -67,7 +52,7 @@ def ensure_data(config: ml_collections.ConfigDict) -> None:
   if config.data.get('preset', None) == 'stdlib' and paths.is_remote(data_workdir):
     # The data pipeline writes local files only; building "into" a URL would
     # leave a local folder named gs:.
-    raise FileNotFoundError(
+    raise UserError(
         f'No prepared data in data.workdir={data_workdir} (no DONE). Build it locally and copy '
         f'it there: python -m data_pipeline --config=configs/data.py:stdlib --workdir=runs/data '
         f'&& gcloud storage rsync --recursive runs/data {data_workdir}')
@@ -78,33 +63,10 @@ def ensure_data(config: ml_collections.ConfigDict) -> None:
     pipeline.ensure_prepared(data_workdir, preset='stdlib')
     return
   if not (epath.Path(data_workdir) / 'tfds').is_dir():
-    raise FileNotFoundError(
+    raise UserError(
         f'No prepared data in data.workdir={data_workdir} (no tfds/ and no DONE); run '
         f'`python -m data_pipeline --config=configs/data.py:{config.data.get("preset", "files")} '
         f'--workdir={data_workdir}` first.')
-
-
-def record_tokenizer(config: ml_collections.ConfigDict, workdir: str) -> str | None:
-  """Copies the data's tokenizer into the run and checks it fits the model's vocabulary."""
-  source = epath.Path(config.data.workdir) / TOKENIZER_FILE
-  if not source.exists():
-    logging.warning('No tokenizer at %s; generate/evaluate will need one.', source)
-    return None
-  from data_pipeline import tokenizer as tokenizer_lib  # pylint: disable=g-import-not-at-top
-  # SentencePiece reads only local files; the bytes through epath work for gs:// too.
-  model_bytes = source.read_bytes()
-  vocab_size = tokenizer_lib.Tokenizer.from_bytes(model_bytes, os.fspath(source)).vocab_size
-  if vocab_size > config.model.vocab_size:
-    raise ValueError(
-        f'Tokenizer {source} has {vocab_size} pieces but model.vocab_size is '
-        f'{config.model.vocab_size}; set --config.model.vocab_size={vocab_size}.')
-  target = epath.Path(workdir) / TOKENIZER_FILE
-  if jax.process_index() == 0:
-    target.write_bytes(model_bytes)
-    vocab = source.with_suffix('.vocab')
-    if vocab.exists():
-      target.with_suffix('.vocab').write_bytes(vocab.read_bytes())
-  return os.fspath(target)
 
 
 def _peak_flops(mesh: jax.sharding.Mesh) -> tuple[float | None, dict[str, Any]]:
@@ -119,26 +81,55 @@ def _peak_flops(mesh: jax.sharding.Mesh) -> tuple[float | None, dict[str, Any]]:
                 'perf/num_devices': len(devices)}
 
 
+def _model_config(config: ml_collections.ConfigDict) -> model_config_lib.ModelConfig:
+  try:
+    return model_config_lib.ModelConfig.from_config(config.model)
+  except (KeyError, ValueError, TypeError) as e:
+    raise UserError(f'config.model: {str(e).strip(chr(39))}') from None
+
+
+def _check_batch(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
+                 batch_sharding: jax.sharding.NamedSharding) -> None:
+  shards = math.prod(mesh.shape[a] for a in _axes(batch_sharding.spec[0]))
+  if config.batch_size % shards:
+    raise UserError(f'config key batch_size={config.batch_size} cannot be split over the '
+                    f'{shards} devices that share the batch (mesh {dict(mesh.shape)}); use a '
+                    f'multiple of {shards}.')
+  if config.batch_size % jax.process_count():
+    raise UserError(f'config key batch_size={config.batch_size} is not a multiple of the '
+                    f'{jax.process_count()} processes.')
+
+
+def _axes(spec_entry: Any) -> tuple[str, ...]:
+  if spec_entry is None:
+    return ()
+  return tuple(spec_entry) if isinstance(spec_entry, (tuple, list)) else (spec_entry,)
+
+
 def train(config: ml_collections.ConfigDict, workdir: str) -> loop.LoopResult:
-  """Pre-trains per `config` in `workdir`, resuming from its latest checkpoint."""
-  workdir = paths.resolve_str(workdir)
-  epath.Path(workdir).mkdir(parents=True, exist_ok=True)
+  """Pre-trains per `config` in `workdir`, resuming from its latest checkpoint.
+
+  Everything that can be checked is checked before the first file of the run
+  is written, and config.json / tokenizer.model / data.json are written only
+  once the state is restored or initialised (see train/run_files.py).
+  """
+  workdir = run_files.check_workdir(workdir, config.data.workdir)
+  pretrain_config.validate(config)
+  model_cfg = _model_config(config)
   with config.unlocked():
     config.data.workdir = paths.resolve_str(config.data.workdir)
-  write_config(config, workdir)
   ensure_data(config)
-  record_tokenizer(config, workdir)
+  tokenizer = run_files.read_tokenizer(config)
+  fingerprint = run_files.data_fingerprint(config.data.workdir, tokenizer[0])
+  if run_files.has_checkpoint(workdir):
+    run_files.check_same_data(workdir, fingerprint)
 
   mesh = mesh_lib.make_mesh(config.mesh)
   rules = mesh_lib.logical_rules(config.mesh)
-  model_cfg = model_config_lib.ModelConfig.from_config(config.model)
   model = transformer.Transformer(model_cfg)
   abstract_state, state_shardings = state_lib.abstract_state(config, model, mesh)
   batch_sharding = mesh_lib.batch_sharding(mesh, rules)
-
-  if config.batch_size % jax.process_count():
-    raise ValueError(f'batch_size={config.batch_size} is not a multiple of the '
-                     f'{jax.process_count()} processes.')
+  _check_batch(config, mesh, batch_sharding)
   local_batch_size = config.batch_size // jax.process_count()
   data_dir = config.data.workdir
   train_loader = loader_lib.make_loader(
@@ -162,7 +153,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> loop.LoopResult:
   peak, startup = _peak_flops(mesh)
   startup['model/num_params'] = model_config_lib.num_params(model_cfg)
   checkpointer = checkpoint_lib.Checkpointer(
-      os.fspath(epath.Path(workdir) / CHECKPOINT_DIR), keep=config.keep_checkpoints)
+      os.fspath(epath.Path(workdir) / run_files.CHECKPOINT_DIR), keep=config.keep_checkpoints)
   loop_cfg = loop.LoopConfig.from_config(config)
   epoch_steps = getattr(train_loader, 'num_batches', None)   # set when num_epochs is finite
   if epoch_steps is not None:
@@ -178,7 +169,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> loop.LoopResult:
         abstract_state=abstract_state, evaluate=evaluate,
         tokens_per_step=config.batch_size * config.seq_len,
         flops_per_token=model_config_lib.flops_per_token(model_cfg, config.seq_len),
-        peak_flops=peak, startup_metrics=startup)
+        peak_flops=peak, startup_metrics=startup,
+        on_ready=lambda: run_files.record_start(config, workdir, tokenizer, fingerprint))
   finally:
     checkpointer.close()
 

@@ -18,6 +18,7 @@ from etils import epath
 import jax
 import ml_collections
 
+from configs.cli import UserError
 from model import config as model_config_lib
 from model import transformer
 from train import checkpoint as checkpoint_lib
@@ -33,7 +34,7 @@ TOKENIZER_FILE = 'tokenizer.model'
 def load_config(workdir: str) -> ml_collections.ConfigDict:
   path = epath.Path(workdir) / CONFIG_FILE
   if not path.exists():
-    raise FileNotFoundError(f'{path} does not exist: is {workdir} a training run directory?')
+    raise UserError(f'{path} does not exist: is {workdir} a training run directory?')
   return ml_collections.ConfigDict(json.loads(path.read_text()))
 
 
@@ -81,6 +82,11 @@ def load_run(workdir: str, step: int | None = None) -> tuple[
     from data_pipeline import tokenizer as tokenizer_lib  # pylint: disable=g-import-not-at-top
     # SentencePiece opens only local files; bytes read through epath also work for gs://.
     tokenizer = tokenizer_lib.Tokenizer.from_bytes(epath.Path(path).read_bytes(), path)
+    if tokenizer.vocab_size != model.config.vocab_size:
+      # Ids past the tokenizer's pieces would fail to decode (or decode wrongly).
+      raise UserError(f'The tokenizer {path} has {tokenizer.vocab_size} pieces but the run\'s '
+                      f'model has vocab_size {model.config.vocab_size}: they do not belong '
+                      'together.')
   else:
     logging.warning('No tokenizer found for run %s.', workdir)
   return config, model, params, tokenizer, mesh

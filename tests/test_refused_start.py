@@ -1,0 +1,225 @@
+"""A start that is refused changes no file of the run, and says why in one line.
+
+Each case runs `python -m train` as a user would, on a finished tiny run or a
+fresh workdir, and checks: exit status 2, stderr's last line is `error: ...`
+naming what is wrong, no traceback, and (for an existing run) checkpoints,
+config.json, tokenizer.model, data.json and metrics.jsonl byte-identical.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from data_pipeline import shards
+from data_pipeline import tokenizer as tokenizer_lib
+from train import metrics
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+VOCAB = 400
+FLAGS = [
+    '--config=configs/pretrain.py:tiny',
+    '--config.data.preset=files',
+    f'--config.model.vocab_size={VOCAB}', '--config.model.d_model=32',
+    '--config.model.num_layers=2', '--config.model.num_heads=2', '--config.model.num_kv_heads=1',
+    '--config.model.head_dim=16', '--config.model.mlp_dim=64', '--config.model.max_len=32',
+    '--config.seq_len=32', '--config.batch_size=4', '--config.num_train_steps=6',
+    '--config.eval_every=0', '--config.checkpoint_every=3', '--config.keep_checkpoints=3',
+    '--config.log_every=1', '--config.optimizer.warmup_steps=2',
+]
+
+
+def _make_data(directory: str, text_seed: int) -> str:
+  """Shards encoded with a SentencePiece model of VOCAB pieces trained on stdlib text."""
+  source = [os.path.join(os.path.dirname(os.__file__), name)
+            for name in ('os.py', 'argparse.py', 'json/decoder.py')][text_seed % 3]
+  with open(source) as f:
+    text = f.read()
+  model = tokenizer_lib.train_tokenizer([text], os.path.join(directory, 'tokenizer'), VOCAB)
+  tok = tokenizer_lib.Tokenizer.load(model)
+  lines = [line for line in text.split('\n') if len(line) > 20]
+
+  def docs(lo, hi, prefix):
+    for i in range(lo, hi):
+      chunk = '\n'.join(lines[i * 3:(i + 1) * 3])
+      yield f'{prefix}{i}', tok.encode(chunk), len(chunk.encode())
+
+  shards.write_dataset(directory, {'train': docs(0, 60, 'tr'), 'validation': docs(60, 70, 'va'),
+                                   'test': docs(70, 80, 'te')})
+  return directory
+
+
+def _env(cache: str, **extra) -> dict[str, str]:
+  env = dict(os.environ, JAX_PLATFORMS='cpu', JAX_COMPILATION_CACHE_DIR=cache,
+             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0',
+             PYTHONPATH=REPO + os.pathsep + os.environ.get('PYTHONPATH', ''))
+  env.pop('XLA_FLAGS', None)
+  env.update(extra)
+  return env
+
+
+def _train(workdir, data_dir, cache, *extra, env=None, timeout=300):
+  cmd = [sys.executable, '-m', 'train', f'--workdir={workdir}', *FLAGS,
+         f'--config.data.workdir={data_dir}', *extra]
+  return subprocess.run(cmd, env=env or _env(cache), cwd=REPO, capture_output=True, text=True,
+                        timeout=timeout)
+
+
+def _files(directory) -> dict[str, bytes]:
+  out = {}
+  for root, _, names in os.walk(directory):
+    for name in names:
+      path = os.path.join(root, name)
+      with open(path, 'rb') as f:
+        out[os.path.relpath(path, directory)] = f.read()
+  return out
+
+
+def _assert_refused(result, *needles):
+  assert result.returncode == 2, (result.returncode, result.stderr[-3000:])
+  last = result.stderr.strip().splitlines()[-1]
+  assert last.startswith('error: '), result.stderr[-3000:]
+  assert 'Traceback' not in result.stderr, result.stderr[-3000:]
+  for needle in needles:
+    assert needle in last, (needle, last)
+
+
+@pytest.fixture(scope='module')
+def cache(tmp_path_factory):
+  return str(tmp_path_factory.mktemp('jax_cache'))
+
+
+@pytest.fixture(scope='module')
+def data(tmp_path_factory):
+  return _make_data(str(tmp_path_factory.mktemp('data')), 0)
+
+
+@pytest.fixture(scope='module')
+def finished(tmp_path_factory, data, cache):
+  """A tiny run of 6 steps (checkpoints 3 and 6), copied fresh for each test."""
+  workdir = str(tmp_path_factory.mktemp('runs') / 'run')
+  result = _train(workdir, data, cache)
+  assert result.returncode == 0, result.stderr[-3000:]
+  for name in ('config.json', 'tokenizer.model', 'data.json', 'metrics.jsonl'):
+    assert os.path.exists(os.path.join(workdir, name)), name
+  return workdir
+
+
+@pytest.fixture
+def run(finished, tmp_path):
+  workdir = str(tmp_path / 'run')
+  shutil.copytree(finished, workdir)
+  return workdir
+
+
+@pytest.mark.parametrize('extra, needles', [
+    # The failed start must not leave a 2-layer config.json for generate/evaluate to load.
+    (['--config.model.num_layers=1', '--config.batch_size=0'], ['batch_size=0']),
+    (['--config.model.num_layers=1'], ['layers_1', 'in the checkpoint but not in this run',
+                                       'checkpoints/6']),
+    (['--config.model.d_model=48'], ['has shape', 'checkpoints/6']),
+    (['--config.seq_len=64'], ['seq_len=64', 'model.max_len=32']),
+    (['--config.dedup_typo=1'], ['--config.dedup_typo', 'valid keys']),
+    (['--config.seq_len=abc'], ['seq_len', 'abc']),
+    (['--config.num_train_steps=0'], ['num_train_steps=0', 'num_epochs']),
+    (['--config.optimizer.b2=1.5'], ['optimizer.b2=1.5']),
+    (['--config.model.num_kv_heads=3'], ['num_kv_heads']),
+])
+def test_a_refused_start_changes_no_file_of_the_run(run, data, cache, extra, needles):
+  before = _files(run)
+  _assert_refused(_train(run, data, cache, *extra), *needles)
+  assert _files(run) == before
+
+
+def test_rebuilt_data_with_another_tokenizer_is_refused(run, data, cache, tmp_path):
+  other = _make_data(str(tmp_path / 'other'), 1)   # same vocabulary size, other pieces
+  before = _files(run)
+  _assert_refused(_train(run, other, cache), 'tokenizer', 'changed')
+  assert _files(run) == before
+  # The same data resumes; the run's tokenizer copy is the one it started with.
+  result = _train(run, data, cache, '--config.num_train_steps=7')
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert _files(run)['tokenizer.model'] == before['tokenizer.model']
+
+
+def test_a_tokenizer_that_does_not_fit_the_model_is_refused(tmp_path, data, cache):
+  workdir = tmp_path / 'run'
+  _assert_refused(_train(workdir, data, cache, '--config.model.vocab_size=512'),
+                  '400 pieces', 'model.vocab_size is 512')
+  assert not os.path.exists(workdir / 'config.json')
+
+
+@pytest.mark.parametrize('workdir, needle', [
+    ('', '--workdir is empty'),
+    ('{data}', 'data workdir'),
+    ('{file}', 'existing file'),
+    (os.path.join(REPO, 'train', 'my_run'), 'source folder train/'),
+    (REPO, 'the repository itself'),
+])
+def test_bad_workdirs_are_refused(tmp_path, data, cache, workdir, needle):
+  a_file = tmp_path / 'a_file'
+  a_file.write_text('x')
+  workdir = workdir.format(data=data, file=a_file)
+  before = _files(data)
+  _assert_refused(_train(workdir, data, cache), needle)
+  assert _files(data) == before
+  assert not os.path.exists(os.path.join(REPO, 'train', 'my_run'))
+  assert a_file.read_text() == 'x'
+
+
+def test_a_batch_the_devices_cannot_split_is_refused_before_compiling(tmp_path, data, cache):
+  env = _env(cache, XLA_FLAGS='--xla_force_host_platform_device_count=8')
+  result = _train(tmp_path / 'run', data, cache, '--config.batch_size=4', env=env)
+  _assert_refused(result, 'batch_size=4', 'multiple of 8')
+
+
+def _wait_for_step(workdir, step, proc, timeout=180.0):
+  deadline = time.time() + timeout
+  while time.time() < deadline:
+    records = metrics.read_metrics(workdir)
+    if any(r.get('step', 0) >= step and 'train/loss' in r for r in records):
+      return
+    assert proc.poll() is None, proc.stderr.read()[-3000:]
+    time.sleep(0.1)
+  proc.kill()
+  raise AssertionError('timed out')
+
+
+def _slow_run(workdir, data, cache):
+  hooks = dict(STRATA_TEST_SLOW_AFTER='1', STRATA_TEST_SLEEP='0.5')
+  cmd = [sys.executable, os.path.join(REPO, 'tests', 'loop_run.py'), f'--workdir={workdir}',
+         *FLAGS, f'--config.data.workdir={data}', '--config.num_train_steps=200',
+         '--config.checkpoint_every=0']
+  return subprocess.Popen(cmd, env=_env(cache, **hooks), cwd=REPO, stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True)
+
+
+def test_ctrl_c_saves_a_checkpoint_and_exits_cleanly(tmp_path, data, cache):
+  workdir = str(tmp_path / 'run')
+  proc = _slow_run(workdir, data, cache)
+  _wait_for_step(workdir, 3, proc)
+  proc.send_signal(signal.SIGINT)
+  out, err = proc.communicate(timeout=120)
+  assert proc.returncode == 0, err[-3000:]
+  assert 'Ctrl-C received: saving a checkpoint at step' in out
+  assert '"reason": "preempted"' in out
+  saved = sorted(int(s) for s in os.listdir(os.path.join(workdir, 'checkpoints')) if s.isdigit())
+  assert saved and 3 <= saved[-1] < 200
+
+
+def test_a_second_ctrl_c_aborts_at_once(tmp_path, data, cache):
+  workdir = str(tmp_path / 'run')
+  proc = _slow_run(workdir, data, cache)
+  _wait_for_step(workdir, 3, proc)
+  proc.send_signal(signal.SIGINT)
+  time.sleep(0.5)   # two signals sent at once could arrive as one
+  proc.send_signal(signal.SIGINT)
+  _, err = proc.communicate(timeout=60)
+  assert proc.returncode != 0
+  assert 'aborted' in err or proc.returncode == -signal.SIGINT, err[-3000:]
