@@ -243,6 +243,11 @@ RULES: tuple[v.Rule, ...] = (
 
 def validate(config: ml_collections.ConfigDict) -> None:
   """Checks ranges and the combinations that would hang or silently misbehave."""
+  missing = [k for k in ('model', 'data', 'seq_len', 'optimizer') if k not in config]
+  if missing:
+    raise UserError(f'This is not a pre-training config (no {", ".join(missing)}; preset '
+                    f'{config.get("preset", "?")!r}): `python -m train` takes '
+                    '--config=configs/pretrain.py:PRESET.')
   v.check(config, RULES)
   if config.seq_len > config.model.max_len:
     raise UserError(f'config key seq_len={config.seq_len} is longer than '

@@ -223,3 +223,12 @@ def test_a_second_ctrl_c_aborts_at_once(tmp_path, data, cache):
   _, err = proc.communicate(timeout=60)
   assert proc.returncode != 0
   assert 'aborted' in err or proc.returncode == -signal.SIGINT, err[-3000:]
+
+
+def test_another_stages_config_is_named(tmp_path, cache):
+  result = subprocess.run(
+      [sys.executable, '-m', 'train', '--config=configs/data.py:stdlib',
+       f'--workdir={tmp_path / "run"}'], env=_env(cache), cwd=REPO, capture_output=True,
+      text=True, timeout=120)
+  _assert_refused(result, 'not a pre-training config', 'configs/pretrain.py')
+  assert not os.path.exists(tmp_path / 'run')

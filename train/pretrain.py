@@ -113,8 +113,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> loop.LoopResult:
   is written, and config.json / tokenizer.model / data.json are written only
   once the state is restored or initialised (see train/run_files.py).
   """
-  workdir = run_files.check_workdir(workdir, config.data.workdir)
   pretrain_config.validate(config)
+  workdir = run_files.check_workdir(workdir, config.data.workdir)
   model_cfg = _model_config(config)
   with config.unlocked():
     config.data.workdir = paths.resolve_str(config.data.workdir)
