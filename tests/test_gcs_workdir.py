@@ -31,10 +31,11 @@ from train import paths
 from train import plot
 from train import pretrain
 from train import run_dir
+from train import run_files
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODULES = ('train/pretrain.py', 'train/checkpoint.py', 'train/metrics.py', 'train/run_dir.py',
-           'train/evaluate.py', 'train/generate.py', 'train/plot.py')
+           'train/evaluate.py', 'train/generate.py', 'train/plot.py', 'train/run_files.py')
 
 
 class _MemoryGCS(memory.MemoryFileSystem):
@@ -150,16 +151,17 @@ def test_config_and_tokenizer_on_gcs(gcs, tmp_path):
       'model': {'vocab_size': 512}, 'seq_len': 8})
   with config.unlocked():
     config.data.workdir = paths.resolve_str(config.data.workdir)
-  pretrain.write_config(config, run)
   pretrain.ensure_data(config)  # DONE is found in the bucket: nothing to build
-  target = pretrain.record_tokenizer(config, run)
-  assert target == run + '/tokenizer.model'
+  config.model.vocab_size = 300
+  tokenizer = run_files.read_tokenizer(config)
+  run_files.record_start(config, run, tokenizer, {'tokenizer_sha256': 'x'})
   assert (gcs / 'run' / 'tokenizer.model').read_bytes() == model_bytes
   assert (gcs / 'run' / 'tokenizer.vocab').read_text() == 'vocab'
 
+  assert json.loads((gcs / 'run' / 'data.json').read_text()) == {'tokenizer_sha256': 'x'}
   # A changed config on resume keeps the previous one as config.1.json.
   config.seq_len = 16
-  pretrain.write_config(config, run)
+  run_files.write_config(config, run)
   assert json.loads((gcs / 'run' / 'config.1.json').read_text())['seq_len'] == 8
   loaded = run_dir.load_config(run)
   assert loaded.seq_len == 16 and loaded.data.workdir == 'gs://bucket/data'
@@ -172,12 +174,12 @@ def test_config_and_tokenizer_on_gcs(gcs, tmp_path):
 
   config.model.vocab_size = 100
   with pytest.raises(ValueError, match='model.vocab_size'):
-    pretrain.record_tokenizer(config, run)
+    run_files.read_tokenizer(config)
 
   # Unprepared stdlib data in a bucket: a clear error, not a local gs: folder.
   config.data.workdir = 'gs://bucket/nodata'
   config.data.preset = 'stdlib'
-  with pytest.raises(FileNotFoundError, match='gs://bucket/nodata'):
+  with pytest.raises(ValueError, match='gs://bucket/nodata'):
     pretrain.ensure_data(config)
 
 
@@ -195,16 +197,24 @@ def test_pretrain_start_keeps_gcs_workdirs(gcs, tmp_path, monkeypatch):
   with config.unlocked():
     config.data.workdir = 'gs://bucket/data'
     config.data.preset = 'files'
+    config.model.vocab_size = 300
 
   class Stop(Exception):
     pass
 
+  loaders = []
+
   def make_loader(data_dir, *args, **kwargs):
     del args, kwargs
     assert data_dir == 'gs://bucket/data'
+    loaders.append(data_dir)
+
+  def run(**kwargs):   # the loop's start: the run's files are written once it is ready
+    kwargs['on_ready']()
     raise Stop()
 
   monkeypatch.setattr(pretrain.loader_lib, 'make_loader', make_loader)
+  monkeypatch.setattr(pretrain.loop, 'run', run)
   with pytest.raises(Stop):
     pretrain.train(config, 'gs://bucket/run')
   saved = json.loads((gcs / 'run' / 'config.json').read_text())

@@ -39,8 +39,20 @@ SOURCE_PACKAGES = ('configs', 'data_pipeline', 'model', 'train', 'launch', 'benc
 
 
 def _repository_root() -> str | None:
-  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  return root if os.path.exists(os.path.join(root, 'setup.py')) else None
+  root = epath.Path(__file__).resolve().parent.parent
+  return os.fspath(root) if (root / 'setup.py').exists() else None
+
+
+def _gcs_available() -> bool:
+  """Whether etils.epath can reach gs:// here (gcsfs, or TensorFlow's gfile)."""
+  if importlib.util.find_spec('tensorflow') is not None:
+    return True
+  import fsspec  # pylint: disable=g-import-not-at-top
+  try:
+    fsspec.get_filesystem_class('gs')
+  except (ImportError, ValueError):
+    return False
+  return True
 
 
 def _inside(path: str, folder: str) -> bool:
@@ -54,11 +66,11 @@ def check_workdir(workdir: str | None, data_workdir: str | None = None) -> str:
     raise UserError('--workdir is empty; give the run directory, e.g. --workdir=runs/tiny.')
   resolved = paths.resolve_str(workdir)
   if paths.is_remote(resolved):
-    if resolved.startswith('gs://') and importlib.util.find_spec('gcsfs') is None:
+    if resolved.startswith('gs://') and not _gcs_available():
       raise UserError(f'--workdir={workdir} is on Cloud Storage, which needs the tpu extra: '
                       "pip install -e '.[tpu]' (it adds gcsfs and google-cloud-storage).")
     return resolved
-  if os.path.exists(resolved) and not os.path.isdir(resolved):
+  if epath.Path(resolved).exists() and not epath.Path(resolved).is_dir():
     raise UserError(f'--workdir={workdir} is an existing file, not a directory.')
   if data_workdir and not paths.is_remote(data_workdir):
     data = paths.resolve_str(data_workdir)
@@ -110,7 +122,7 @@ def data_fingerprint(data_workdir: str, tokenizer_bytes: bytes | None) -> dict[s
   for split in ('train', 'validation', 'test'):
     try:
       splits[split] = shards.split_stats(data_workdir, split)
-    except ValueError:   # a dataset without this split
+    except (ValueError, FileNotFoundError):   # no such split, or no dataset written here
       continue
   files = sorted((p.name, p.stat().length) for p in directory.iterdir()
                  if '.array_record-' in p.name) if directory.is_dir() else []
