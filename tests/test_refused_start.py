@@ -8,6 +8,8 @@ config.json, tokenizer.model, data.json and metrics.jsonl byte-identical.
 
 from __future__ import annotations
 
+import importlib.util
+import json
 import os
 import shutil
 import signal
@@ -161,8 +163,11 @@ def test_a_tokenizer_that_does_not_fit_the_model_is_refused(tmp_path, data, cach
     ('{file}', 'existing file'),
     (os.path.join(REPO, 'train', 'my_run'), 'source folder train/'),
     (REPO, 'the repository itself'),
+    ('gs://bucket/run', "pip install -e '.[tpu]'"),
 ])
 def test_bad_workdirs_are_refused(tmp_path, data, cache, workdir, needle):
+  if workdir.startswith('gs://') and importlib.util.find_spec('gcsfs') is not None:
+    pytest.skip('the tpu extra is installed here')
   a_file = tmp_path / 'a_file'
   a_file.write_text('x')
   workdir = workdir.format(data=data, file=a_file)
@@ -232,3 +237,32 @@ def test_another_stages_config_is_named(tmp_path, cache):
       text=True, timeout=120)
   _assert_refused(result, 'not a pre-training config', 'configs/pretrain.py')
   assert not os.path.exists(tmp_path / 'run')
+
+
+def _truncate_array_files(step_dir: str) -> None:
+  files = [os.path.join(root, n) for root, _, names in os.walk(os.path.join(step_dir, 'state'))
+           for n in names if f'{os.sep}d{os.sep}' in os.path.join(root, n)]
+  assert files
+  for path in files:
+    with open(path, 'r+b') as f:
+      f.truncate(os.path.getsize(path) // 2)
+
+
+def test_a_truncated_latest_step_falls_back_and_keeps_the_metrics(run, data, cache):
+  before = metrics.read_metrics(run)
+  assert [r['step'] for r in before if 'train/loss' in r] == [1, 2, 3, 4, 5, 6]
+  _truncate_array_files(os.path.join(run, 'checkpoints', '6'))
+  result = _train(run, data, cache)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert 'Checkpoint step 6' in result.stderr and 'Falling back' in result.stderr
+  assert 'Resumed from checkpoint step 3' in result.stdout
+  after = metrics.read_metrics(run)
+  # History up to the restored step is untouched; the steps after it were
+  # trained again, and their first records are kept aside, not deleted.
+  kept = [r for r in before if r['step'] <= 3]
+  assert after[:len(kept)] == kept
+  assert [r['step'] for r in after if 'train/loss' in r] == [1, 2, 3, 4, 5, 6]
+  with open(os.path.join(run, 'metrics.discarded.jsonl')) as f:
+    discarded = [json.loads(line) for line in f]
+  assert [r for r in discarded] == [r for r in before if r['step'] > 3]
+  assert os.listdir(os.path.join(run, 'checkpoints.corrupt'))
