@@ -17,7 +17,9 @@ def next_token_targets(batch: Mapping[str, jax.Array]) -> tuple[jax.Array, jax.A
   """targets[t] = tokens[t+1] where t and t+1 are in the same (non-padding) segment.
 
   Returns (targets_BL int32, weights_BL float32). The last position of each
-  segment, padding (segment 0) and the last column have weight 0.
+  segment, padding (segment 0) and the last column have weight 0. With a
+  `loss_mask` field (1 on the tokens to learn, e.g. assistant turns in SFT),
+  position t counts only if the token it predicts, t+1, is masked in.
   """
   tokens_BL = batch['tokens']
   segment_ids_BL = batch.get('segment_ids')
@@ -27,6 +29,11 @@ def next_token_targets(batch: Mapping[str, jax.Array]) -> tuple[jax.Array, jax.A
   same_segment = (segment_ids_BL[:, 1:] == segment_ids_BL[:, :-1]) & (segment_ids_BL[:, :-1] != 0)
   weights_BL = jnp.concatenate(
       [same_segment, jnp.zeros_like(same_segment[:, :1])], axis=1).astype(jnp.float32)
+  loss_mask_BL = batch.get('loss_mask')
+  if loss_mask_BL is not None:
+    next_mask_BL = jnp.concatenate([loss_mask_BL[:, 1:], jnp.zeros_like(loss_mask_BL[:, :1])],
+                                   axis=1)
+    weights_BL = weights_BL * next_mask_BL.astype(jnp.float32)
   return targets_BL.astype(jnp.int32), weights_BL
 
 
