@@ -22,11 +22,13 @@ import sys
 import time
 from typing import Any, Sequence
 
-from absl import app
 from absl import flags
 import jax
 import jax.numpy as jnp
 from ml_collections import config_flags
+
+from configs import cli
+from train import console
 
 GiB = 1024**3
 
@@ -204,7 +206,8 @@ def run(config: Any, topology: str, *, num_slices: int = 1, chip_config_name: st
 
 def main(argv: Sequence[str]) -> None:
   if len(argv) > 1:
-    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+    raise cli.UserError(f'unexpected arguments: {" ".join(argv[1:])}')
+  console.quiet_libraries()  # library INFO logs would bury the report
   # The host's own backend stays CPU: libtpu is used for compiling only.
   jax.config.update('jax_platforms', 'cpu')
   report = run(_CONFIG.value, _TOPOLOGY.value, num_slices=_NUM_SLICES.value,
@@ -223,4 +226,4 @@ def main(argv: Sequence[str]) -> None:
 
 
 if __name__ == '__main__':
-  app.run(main)
+  cli.run(main)

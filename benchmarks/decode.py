@@ -32,9 +32,11 @@ import jax
 import jax.numpy as jnp
 from ml_collections import config_flags
 
+from configs import cli
 from model import decode
 from model.config import ModelConfig, num_params
 from model.transformer import Transformer
+from train import console
 from train import mesh as mesh_lib
 from train import state as state_lib
 
@@ -140,7 +142,8 @@ def run() -> dict[str, Any]:
 
 def main(argv: Sequence[str]) -> None:
   if len(argv) > 1:
-    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+    raise cli.UserError(f'unexpected arguments: {" ".join(argv[1:])}')
+  console.quiet_libraries()  # library INFO logs would bury the report
   result = run()
   text = json.dumps(result, indent=2)
   print(text)
@@ -150,4 +153,4 @@ def main(argv: Sequence[str]) -> None:
 
 
 if __name__ == '__main__':
-  app.run(main)
+  cli.run(main)

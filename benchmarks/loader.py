@@ -14,11 +14,12 @@ import json
 import os
 import time
 
-from absl import app
 from absl import flags
 import numpy as np
 
+from configs import cli
 from data_pipeline import loader as loader_lib
+from train import console
 
 _DATA_DIR = flags.DEFINE_string('data_dir', 'runs/data', 'Data workdir from `python -m data_pipeline`.')
 _SPLIT = flags.DEFINE_string('split', 'train', 'Split to read.')
@@ -54,8 +55,9 @@ def _time_batches(loader: loader_lib.Loader, num_batches: int) -> dict[str, floa
 
 def main(argv: list[str]) -> None:
   del argv
+  console.quiet_libraries()  # library INFO logs would bury the report
   if not os.path.exists(os.path.join(_DATA_DIR.value, 'DONE')):
-    raise SystemExit(f'No finished dataset in {_DATA_DIR.value!r}: run '
+    raise cli.UserError(f'no finished dataset in {_DATA_DIR.value!r}: run '
                      f'`python -m data_pipeline --config=configs/data.py:stdlib --workdir={_DATA_DIR.value}` first.')
   common = dict(seq_len=_SEQ_LEN.value, batch_size=_BATCH_SIZE.value, process_index=0, process_count=1)
   train = loader_lib.make_loader(_DATA_DIR.value, _SPLIT.value, seed=0, **common)
@@ -77,4 +79,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == '__main__':
-  app.run(main)
+  cli.run(main)

@@ -17,14 +17,15 @@ import os
 import statistics
 import time
 
-from absl import app
 from absl import flags
 import jax
 import numpy as np
 from ml_collections import config_flags
 
+from configs import cli
 from model.config import ModelConfig, flops_per_token, num_params
 from model.transformer import Transformer
+from train import console
 from train import mesh as mesh_lib
 from train import mfu as mfu_lib
 from train import state as state_lib
@@ -111,8 +112,9 @@ def benchmark(config, num_steps: int, warmup: int) -> dict:
 
 def main(argv):
   del argv
+  console.quiet_libraries()  # library INFO logs would bury the report
   print(json.dumps(benchmark(_CONFIG.value, _STEPS.value, _WARMUP.value)))
 
 
 if __name__ == '__main__':
-  app.run(main)
+  cli.run(main)

@@ -14,7 +14,8 @@ shell does see, the command run on the workers (`--command=...`), is built
 from argv lists with `shlex.quote` on every value, and names are checked
 against GCP's rules first, so a run name or an argument cannot smuggle in a
 command. `--dry_run` prints each gcloud command (`shlex.join`) instead of
-running it. The README section "Cloud TPU VMs" walks through it.
+running it; it and every other flag of this launcher belong before `--` (after
+it they are refused, not passed on to the training command). The README section "Cloud TPU VMs" walks through it.
 """
 
 from __future__ import annotations
@@ -26,6 +27,10 @@ import shlex
 import subprocess
 import sys
 from typing import Sequence
+
+# Standard library only (no configs.cli): this runs on a laptop that has gcloud,
+# not necessarily strata's dependencies (see launch/tpu_vm.sh).
+EXIT_USAGE = 2
 
 # GCP resource names (TPU nodes, queued resources): RFC 1035 labels.
 _GCP_NAME = re.compile(r'[a-z]([-a-z0-9]{0,61}[a-z0-9])?')
@@ -217,6 +222,23 @@ def fetch_commands(args: argparse.Namespace) -> list[list[str]]:
           for i in range(args.num_workers)]
 
 
+def check_no_launcher_flags(args: argparse.Namespace, train_args: Sequence[str]) -> None:
+  """Refuses a flag of this launcher among the arguments passed on to the module.
+
+  `run ... -- --config=... --dry_run` would otherwise hand `--dry_run` to the
+  training command and really call gcloud; `--workdir` there would silently
+  override the launcher's own.
+  """
+  own = {name for name in vars(args) if name not in ('action', 'train_args')}
+  for arg in train_args:
+    name = arg[2:].split('=', 1)[0] if arg.startswith('--') else ''
+    if name in own:
+      raise ValueError(
+          f'--{name} is a flag of `python -m launch.tpu_vm {args.action}`, but it comes after '
+          f'the arguments for `python -m {args.module}` begin; put it before `--`: '
+          f'`python -m launch.tpu_vm {args.action} ... {arg} -- <arguments for {args.module}>`.')
+
+
 def commands(args: argparse.Namespace) -> list[list[str]]:
   """The gcloud argv lists a parsed command line stands for, in order."""
   check_name(args.name, 'TPU name')
@@ -228,6 +250,7 @@ def commands(args: argparse.Namespace) -> list[list[str]]:
     train_args = list(args.train_args)
     if train_args[:1] == ['--']:
       train_args = train_args[1:]
+    check_no_launcher_flags(args, train_args)
     remote = run_remote(args.run_name, args.workdir, train_args, module=args.module,
                         data=args.data, foreground=args.foreground, env=args.env)
     return [ssh_command(args, remote)]
@@ -243,8 +266,15 @@ def commands(args: argparse.Namespace) -> list[list[str]]:
   raise ValueError(f'Unknown action {args.action!r}.')
 
 
+class _Parser(argparse.ArgumentParser):
+  """argparse with its usage errors as one `error:` line (status 2), like every entry point."""
+
+  def error(self, message: str):
+    self.exit(EXIT_USAGE, f'error: {message} (see `{self.prog} --help`)\n')
+
+
 def parser() -> argparse.ArgumentParser:
-  top = argparse.ArgumentParser(prog='python -m launch.tpu_vm', description=__doc__.split('\n')[0])
+  top = _Parser(prog='python -m launch.tpu_vm', description=__doc__.split('\n')[0])
   sub = top.add_subparsers(dest='action', required=True)
 
   def add(name: str, help_text: str) -> argparse.ArgumentParser:
@@ -307,16 +337,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     argvs = commands(args)
   except ValueError as e:
     print(f'error: {e}', file=sys.stderr)
-    return 2
+    return EXIT_USAGE
   for command in argvs:
     print(shlex.join(command), flush=True)
     if args.dry_run:
       continue
     if args.action == 'logs' and args.fetch_to:
       os.makedirs(args.fetch_to, exist_ok=True)
-    status = subprocess.run(command, check=False).returncode
+    try:
+      status = subprocess.run(command, check=False).returncode
+    except FileNotFoundError:
+      print('error: gcloud is not on PATH: install the Google Cloud CLI '
+            '(https://cloud.google.com/sdk/docs/install), or see the commands with --dry_run',
+            file=sys.stderr)
+      return 127  # what a shell returns for a command it cannot find
     if status != 0:
-      print(f'error: gcloud exited with status {status}', file=sys.stderr)
+      print(f'error: gcloud exited with status {status}; its message and the command are above',
+            file=sys.stderr)
       return status
   return 0
 

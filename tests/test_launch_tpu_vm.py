@@ -236,3 +236,75 @@ def test_setup_script_checks_out_the_revision(tmp_path):
   pip_log = (home / 'strata' / 'pip.log').read_text()
   assert '-m pip install --quiet -r requirements.lock' in pip_log
   assert '-m pip install --quiet -e .[tpu]' in pip_log
+
+
+def _fake_gcloud(tmp_path, status: int = 0) -> dict[str, str]:
+  """PATH with a gcloud that records its argv (and exits with `status`); the env to use."""
+  bin_dir = tmp_path / 'bin'
+  bin_dir.mkdir()
+  fake = bin_dir / 'gcloud'
+  fake.write_text('#!/usr/bin/env python3\nimport json, os, sys\n'
+                  'open(os.environ["ARGV_OUT"], "a").write(json.dumps(sys.argv[1:]) + "\\n")\n'
+                  f'print("ERROR: (gcloud) fake failure", file=sys.stderr) if {status} else None\n'
+                  f'sys.exit({status})\n')
+  fake.chmod(0o755)
+  return dict(os.environ, PATH=f'{bin_dir}:{os.environ["PATH"]}', PYTHONPATH=REPO,
+              ARGV_OUT=str(tmp_path / 'argv.jsonl'))
+
+
+def _cli(env: dict[str, str], *argv: str) -> subprocess.CompletedProcess:
+  return subprocess.run([sys.executable, '-m', 'launch.tpu_vm', *argv], cwd=REPO, env=env,
+                        capture_output=True, text=True, timeout=60)
+
+
+@pytest.mark.parametrize('misplaced', ['--dry_run', '--workdir=gs://bkt/other', '--zone=us-east5-a'])
+def test_launcher_flag_after_the_separator_is_refused_before_gcloud_runs(tmp_path, misplaced):
+  env = _fake_gcloud(tmp_path)
+  proc = _cli(env, 'run', '--name=a1', '--zone=us-central2-b', '--run_name=r1',
+              '--workdir=gs://bkt/r1', '--', '--config=configs/pretrain.py:tiny', misplaced)
+  assert proc.returncode == 2, proc.stdout + proc.stderr
+  [line] = proc.stderr.splitlines()
+  name = misplaced.split('=')[0]
+  assert line.startswith(f'error: {name} is a flag of `python -m launch.tpu_vm run`'), line
+  assert 'put it before `--`' in line
+  assert not (tmp_path / 'argv.jsonl').exists()   # gcloud never ran
+  # Without `--`, the module's arguments start at the first one argparse does not know.
+  proc = _cli(env, 'run', '--name=a1', '--zone=us-central2-b', '--run_name=r1',
+              '--workdir=gs://bkt/r1', 'extra', misplaced)
+  assert proc.returncode == 2 and f'error: {name} is a flag of' in proc.stderr
+  assert not (tmp_path / 'argv.jsonl').exists()
+
+
+def test_module_flags_that_look_alike_pass_through():
+  # --config.name and --workdir_suffix are not launcher flags.
+  status, lines, err = dry_run('run', '--name=a1', '--zone=us-central2-b', '--run_name=r1',
+                               '--workdir=gs://bkt/r1', '--', '--config.name=x',
+                               '--workdir_suffix=y')
+  assert status == 0, err
+  assert "--config.name=x --workdir_suffix=y" in command_arg(shlex.split(lines[0]))
+
+
+def test_usage_errors_are_one_line(tmp_path):
+  env = _fake_gcloud(tmp_path)
+  for argv, expected in ((['run', '--name=a1', '--zone=us-central2-b'], 'required'),
+                         (['launch', '--name=a1'], 'invalid choice'),
+                         (['logs', '--name=a1', '--zone=z', '--run_name=r', '--lines=x'],
+                          "invalid int value: 'x'")):
+    proc = _cli(env, *argv)
+    assert proc.returncode == 2, (argv, proc.stderr)
+    [line] = proc.stderr.splitlines()
+    assert line.startswith('error: ') and expected in line and '--help' in line, (argv, line)
+  assert not (tmp_path / 'argv.jsonl').exists()
+
+
+def test_gcloud_failures_are_clear(tmp_path):
+  failing = _fake_gcloud(tmp_path, status=1)
+  proc = _cli(failing, 'delete', '--name=a1', '--zone=us-central2-b')
+  assert proc.returncode == 1
+  assert proc.stderr.splitlines()[-1].startswith('error: gcloud exited with status 1')
+  # No gcloud at all: say so, instead of a FileNotFoundError traceback.
+  no_gcloud = dict(failing, PATH=str(tmp_path / 'empty'))
+  proc = _cli(no_gcloud, 'delete', '--name=a1', '--zone=us-central2-b')
+  assert proc.returncode == 127
+  [line] = proc.stderr.splitlines()
+  assert line.startswith('error: gcloud is not on PATH') and '--dry_run' in line

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -163,6 +164,76 @@ def test_launcher_success_and_usage():
   assert sorted(proc.stdout.splitlines()) == ['[p0] hi 0', '[p1] hi 1', '[p2] hi 2']
   with pytest.raises(ValueError, match='after `--`'):
     local.launch([], num_processes=2, devices_per_process=1)
+
+
+# A stand-in for a training process: on SIGTERM/SIGINT it records the signal,
+# takes a moment (as a checkpoint would) and then records that it finished.
+_SLEEPER = '''
+import os, signal, sys, time
+out = os.path.join(sys.argv[1], 'p' + os.environ['JAX_PROCESS_ID'])
+
+def stop(signum, frame):
+  with open(out + '.signal', 'a') as f:
+    f.write(signal.Signals(signum).name + '\\n')
+  time.sleep(1.0)
+  with open(out + '.done', 'w') as f:
+    f.write('saved')
+  sys.exit(0)
+
+signal.signal(signal.SIGTERM, stop)
+signal.signal(signal.SIGINT, stop)
+with open(out + '.pid', 'w') as f:
+  f.write(str(os.getpid()))
+time.sleep(120)
+'''
+
+
+def _alive(pid: int) -> bool:
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return False
+  return True
+
+
+@pytest.mark.parametrize('signum', [signal.SIGTERM, signal.SIGINT])
+def test_launcher_forwards_a_signal_to_every_process_and_waits(tmp_path, signum):
+  launcher = subprocess.Popen(
+      [sys.executable, '-m', 'launch.local', '--num_processes=2', '--devices_per_process=1',
+       '--', sys.executable, '-c', _SLEEPER, str(tmp_path)],
+      cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+  pid_files = [tmp_path / f'p{i}.pid' for i in range(2)]
+  deadline = time.monotonic() + 60
+  while not all(p.exists() and p.read_text() for p in pid_files):
+    assert launcher.poll() is None and time.monotonic() < deadline, launcher.stdout.read()
+    time.sleep(0.05)
+  pids = [int(p.read_text()) for p in pid_files]
+  launcher.send_signal(signum)
+  try:
+    output, _ = launcher.communicate(timeout=30)
+  finally:
+    for pid in pids:   # never leave a sleeper behind, whatever the outcome
+      if _alive(pid):
+        os.kill(pid, signal.SIGKILL)
+  # Each process got the launcher's signal once, and the launcher waited for it to finish.
+  for i in range(2):
+    assert (tmp_path / f'p{i}.signal').read_text() == signum.name + '\n', output
+    assert (tmp_path / f'p{i}.done').read_text() == 'saved', output
+  assert not any(_alive(pid) for pid in pids)
+  assert launcher.returncode == 128 + signum, output
+  assert f'got {signum.name}' in output
+
+
+def test_launcher_usage_errors_are_one_line():
+  for argv, expected in ((['--num_processes=0', '--', 'true'], '--num_processes (0)'),
+                         (['--num_processes=x', '--', 'true'], "invalid int value: 'x'"),
+                         (['--num_processes=1'], 'give the command after `--`'),
+                         (['--', 'no-such-program-xyz'], "cannot start 'no-such-program-xyz'")):
+    proc = subprocess.run([sys.executable, '-m', 'launch.local', *argv], cwd=REPO, env=_env(),
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2, (argv, proc.stderr)
+    [line] = proc.stderr.splitlines()
+    assert line.startswith('error: ') and expected in line, (argv, line)
 
 
 def test_process_env_sets_coordinator_and_devices():

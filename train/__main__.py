@@ -9,11 +9,11 @@ import sys
 
 from absl import app
 from absl import flags
-from absl import logging
 from ml_collections import config_flags
 
 from configs import cli
 
+from train import console
 from train import distributed
 from train import loop
 from train import pretrain
@@ -28,9 +28,7 @@ flags.mark_flags_as_required(['config', 'workdir'])
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-  if not flags.FLAGS['verbosity'].present:
-    # Orbax logs every file it writes at INFO; keep the console for progress.
-    logging.set_verbosity(logging.WARNING)
+  console.quiet_libraries()  # Orbax logs every file it writes at INFO; keep progress visible
   distributed.initialize_from_flags()
   try:
     result = pretrain.train(_CONFIG.value, _WORKDIR.value)

@@ -36,16 +36,18 @@ import os
 import time
 from typing import Any, Sequence
 
-from absl import app
 from absl import flags
 from etils import epath
 import jax
 import numpy as np
 import tqdm
 
+from configs import cli
 from data_pipeline import loader as loader_lib
 from data_pipeline import shards
 from data_pipeline import tokenizer as tokenizer_lib
+from train import checkpoint as checkpoint_lib
+from train import console
 from train import distributed
 from train import mesh as mesh_lib
 from train import paths
@@ -183,12 +185,22 @@ def define_flags() -> None:
 
 def main(argv: Sequence[str]) -> None:
   if len(argv) > 1:
-    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+    raise cli.UserError(f'unexpected arguments: {" ".join(argv[1:])}')
   # Before anything touches a backend: on a pod every host runs this command.
   distributed.initialize_from_flags()
+  console.quiet_libraries()
   from train import run_dir  # pylint: disable=g-import-not-at-top
-  config, model, params, _, mesh = run_dir.load_run(FLAGS.workdir, FLAGS.step)
-  data_dir = _data_dir(config, FLAGS.workdir, FLAGS.data_dir)
+  if not (epath.Path(FLAGS.workdir) / run_dir.CONFIG_FILE).exists():
+    raise cli.UserError(f'--workdir={FLAGS.workdir} is not a training run directory '
+                        f'(no {run_dir.CONFIG_FILE} in it)')
+  try:
+    config, model, params, _, mesh = run_dir.load_run(FLAGS.workdir, FLAGS.step)
+  except checkpoint_lib.CheckpointError as e:  # no such --step, none saved, or unreadable
+    raise cli.UserError(e) from e
+  try:
+    data_dir = _data_dir(config, FLAGS.workdir, FLAGS.data_dir)
+  except FileNotFoundError as e:  # its message names the places it looked and --data_dir
+    raise cli.UserError(e) from e
   result = evaluate_split(config, model, params, mesh, data_dir=data_dir, split=FLAGS.split,
                           seq_len=FLAGS.seq_len, batch_size=FLAGS.batch_size)
   result['step'] = int(config.checkpoint_step)
@@ -211,4 +223,4 @@ def main(argv: Sequence[str]) -> None:
 if __name__ == '__main__':
   define_flags()
   flags.mark_flag_as_required('workdir')
-  app.run(main)
+  cli.run(main)

@@ -16,13 +16,15 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
-from absl import app
 from absl import flags
 from etils import epath
 import jax
 import numpy as np
 
+from configs import cli
 from model import decode
+from train import checkpoint as checkpoint_lib
+from train import console
 from train import distributed
 from train import mesh as mesh_lib
 
@@ -31,11 +33,21 @@ def read_prompts(prompts: Sequence[str], prompts_file: str | None) -> list[str]:
   """--prompt values, then one prompt per non-empty line of --prompts_file."""
   out = list(prompts or [])
   if prompts_file:
+    path = epath.Path(prompts_file)
+    if not path.is_file():
+      raise cli.UserError(f'--prompts_file={prompts_file}: no such file')
+    data = path.read_bytes()
+    try:
+      text = data.decode('utf-8')
+    except UnicodeDecodeError as e:
+      line = data[:e.start].count(b'\n') + 1
+      raise cli.UserError(f'--prompts_file={prompts_file} is not UTF-8 text: line {line} has the '
+                          f'byte {data[e.start:e.start + 1]!r} ({e.reason})') from e
     # A literal '\n' in the file stands for a newline, so multi-line prompts fit on a line.
-    lines = epath.Path(prompts_file).read_text().split('\n')
-    out += [line.replace('\\n', '\n') for line in lines if line.strip()]
+    out += [line.replace('\\n', '\n') for line in text.split('\n') if line.strip()]
   if not out:
-    raise app.UsageError('Give --prompt (repeatable) or --prompts_file.')
+    raise cli.UserError('no prompt: give --prompt (repeatable) or --prompts_file'
+                        + (f' ({prompts_file} has only empty lines)' if prompts_file else ''))
   return out
 
 
@@ -121,15 +133,22 @@ def define_flags() -> None:
 
 def main(argv: Sequence[str]) -> None:
   if len(argv) > 1:
-    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+    raise cli.UserError(f'unexpected arguments: {" ".join(argv[1:])}')
   # Before anything touches a backend: on a pod every host runs this command.
   distributed.initialize_from_flags()
+  console.quiet_libraries()
   prompts = read_prompts(FLAGS.prompt, FLAGS.prompts_file)
   from train import run_dir  # pylint: disable=g-import-not-at-top
-  config, model, params, tokenizer, mesh = run_dir.load_run(FLAGS.workdir, FLAGS.step)
+  if not (epath.Path(FLAGS.workdir) / run_dir.CONFIG_FILE).exists():
+    raise cli.UserError(f'--workdir={FLAGS.workdir} is not a training run directory '
+                        f'(no {run_dir.CONFIG_FILE} in it)')
+  try:
+    config, model, params, tokenizer, mesh = run_dir.load_run(FLAGS.workdir, FLAGS.step)
+  except checkpoint_lib.CheckpointError as e:  # no such --step, none saved, or unreadable
+    raise cli.UserError(e) from e
   if tokenizer is None:
-    raise FileNotFoundError(f'No tokenizer.model in {FLAGS.workdir} or its data workdir '
-                            f'{config.data.workdir}.')
+    raise cli.UserError(f'no tokenizer.model in {FLAGS.workdir} or its data workdir '
+                        f'{config.data.workdir}')
   samples = sample_completions(
       config, model, params, tokenizer, mesh, prompts, max_new_tokens=FLAGS.max_new_tokens,
       num_samples=FLAGS.num_samples, seed=FLAGS.seed, temperature=FLAGS.temperature,
@@ -146,4 +165,4 @@ def main(argv: Sequence[str]) -> None:
 if __name__ == '__main__':
   define_flags()
   flags.mark_flag_as_required('workdir')
-  app.run(main)
+  cli.run(main)

@@ -17,7 +17,6 @@ import math
 import os
 from typing import Any, Sequence
 
-from absl import app
 from absl import flags
 from etils import epath
 import matplotlib
@@ -26,6 +25,9 @@ matplotlib.use('Agg')  # files only; no display on servers and CI
 import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top,wrong-import-position
 import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
 
+from configs import cli  # pylint: disable=g-import-not-at-top,wrong-import-position
+from train import console  # pylint: disable=g-import-not-at-top,wrong-import-position
+from train.metrics import METRICS_FILE  # pylint: disable=g-import-not-at-top,wrong-import-position
 from train.metrics import read_metrics  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 PLOT_FILES = ('loss_vs_steps.png', 'loss_vs_tokens.png', 'learning_rate.png', 'throughput.png')
@@ -193,12 +195,23 @@ def define_flags() -> None:
 
 def main(argv: Sequence[str]) -> None:
   if len(argv) > 1:
-    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-  for path in plot_run(FLAGS.workdir, FLAGS.out_dir):
+    raise cli.UserError(f'unexpected arguments: {" ".join(argv[1:])}')
+  console.quiet_libraries()
+  if not (epath.Path(FLAGS.workdir) / METRICS_FILE).exists():
+    raise cli.UserError(f'nothing to plot: no {METRICS_FILE} in {FLAGS.workdir}'
+                        + ('' if epath.Path(FLAGS.workdir).is_dir() else ' (no such directory)'))
+  try:
+    written = plot_run(FLAGS.workdir, FLAGS.out_dir)
+  except FileNotFoundError as e:  # a metrics.jsonl without a single record
+    raise cli.UserError(f'nothing to plot: {e}') from e
+  if not written:
+    raise cli.UserError(f'nothing to plot: {FLAGS.workdir}/{METRICS_FILE} has none of '
+                        'train/loss, eval/loss, train/learning_rate, perf/tokens_per_sec')
+  for path in written:
     print(f'wrote {path}')
 
 
 if __name__ == '__main__':
   define_flags()
   flags.mark_flag_as_required('workdir')
-  app.run(main)
+  cli.run(main)
