@@ -21,12 +21,12 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from train import losses
 from train import mesh as mesh_lib
+from train import objectives
 from train import optimizer as optimizer_lib
 from train.state import TrainState
 
-Batch = Mapping[str, jax.Array]
+Batch = objectives.Batch
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,6 +36,9 @@ class Step:
   in_shardings: Any
   out_shardings: Any
   donate_argnums: tuple[int, ...]
+  # Trailing arguments passed to every call (a stage's frozen trees), so the
+  # loop calls step(state, batch) whatever the stage.
+  bound: tuple[Any, ...] = ()
 
   jitted: Any = dataclasses.field(init=False, repr=False, compare=False)
 
@@ -46,10 +49,10 @@ class Step:
         donate_argnums=self.donate_argnums))
 
   def __call__(self, *args):
-    return self.jitted(*args)
+    return self.jitted(*args, *self.bound)
 
   def lower(self, *args):
-    return self.jitted.lower(*args)
+    return self.jitted.lower(*args, *self.bound)
 
 
 @contextlib.contextmanager
@@ -61,14 +64,6 @@ def sharding_context(mesh: jax.sharding.Mesh, rules: mesh_lib.Rules):
   """
   with jax.sharding.use_abstract_mesh(mesh.abstract_mesh), nn.logical_axis_rules(rules):
     yield
-
-
-def _forward(model: nn.Module, params: Any, batch: Batch, *, deterministic: bool,
-             rng: jax.Array | None) -> jax.Array:
-  rngs = {} if rng is None else {'dropout': rng}
-  return model.apply({'params': params}, batch['tokens'],
-                     segment_ids=batch.get('segment_ids'), positions=batch.get('positions'),
-                     deterministic=deterministic, rngs=rngs)
 
 
 def _split_micro_batches(batch: Batch, k: int) -> dict[str, jax.Array]:
@@ -84,107 +79,132 @@ def _split_micro_batches(batch: Batch, k: int) -> dict[str, jax.Array]:
   return {name: split(x) for name, x in batch.items()}
 
 
+def averaged_metrics(aux_sums: Mapping[str, jax.Array], prefix: str) -> dict[str, jax.Array]:
+  """`<prefix>/<name>`: each sum over the count, `num_*` as totals (train/objectives.py)."""
+  count = aux_sums['count']
+  denominator = jnp.maximum(count, 1.0)
+  out = {}
+  for name, value in aux_sums.items():
+    if name == 'count':
+      continue
+    out[f'{prefix}/{name}'] = value if name.startswith('num_') else value / denominator
+  return out
+
+
+def default_loss(config: Any, model: nn.Module) -> objectives.LossFn:
+  """Pre-training's objective: next-token cross-entropy plus the configured z-loss."""
+  return objectives.next_token(model, z_loss=float(config.loss.z_loss),
+                               dropout=float(config.model.dropout_rate) > 0.0)
+
+
 def make_train_step(config: Any, model: nn.Module, mesh: jax.sharding.Mesh,
-                    state_shardings: TrainState,
-                    batch_sharding: jax.sharding.Sharding) -> Step:
+                    state_shardings: TrainState, batch_sharding: Any, *,
+                    loss_fn: objectives.LossFn | None = None, frozen: Any = None,
+                    frozen_shardings: Any = None, num_train_steps: int | None = None) -> Step:
   """`train_step(state, batch) -> (state, metrics)` with the state donated.
 
-  The loss is the mean NLL over every target token of the global batch (plus
-  z-loss), also under gradient accumulation: micro-batch losses are sums
-  divided by the global token count, so their gradients add up exactly.
+  `loss_fn(params, batch, rng, frozen) -> (sum_loss, aux_sums)` (default: the
+  next-token loss) is differentiated as a sum and divided by the count of the
+  whole global batch, also under gradient accumulation (micro-batch sums add
+  up), so the gradient is exactly that of the batch mean. `frozen` (a tree of
+  arrays the stage does not train, placed with `frozen_shardings`) is passed to
+  every call as a jitted argument of its own: never donated, never updated.
+  `batch_sharding`: one sharding for every batch field, a dict per field, or
+  None to take each field's sharding from the array itself.
   """
   rules = mesh_lib.logical_rules(config.mesh)
-  tx, schedule = optimizer_lib.make_optimizer(config.optimizer, config.num_train_steps)
+  length = int(config.num_train_steps if num_train_steps is None else num_train_steps)
+  tx, schedule = optimizer_lib.make_optimizer(config.optimizer, length)
   accum_steps = int(config.optimizer.grad_accum_steps)
-  z_loss = float(config.loss.z_loss)
-  deterministic = float(config.model.dropout_rate) == 0.0
+  loss_fn = loss_fn or default_loss(config, model)
   param_shardings = state_shardings.params
+  grad_fn = jax.grad(loss_fn, has_aux=True)
 
-  def loss_fn(params, batch, rng, denominator):
-    logits_BLV = _forward(model, params, batch, deterministic=deterministic, rng=rng)
-    targets_BL, weights_BL = losses.next_token_targets(batch)
-    sum_loss, sum_z, _ = losses.cross_entropy(logits_BLV, targets_BL, weights_BL, z_loss)
-    return (sum_loss + sum_z) / denominator, (sum_loss, sum_z)
-
-  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-
-  def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, jax.Array]]:
+  def train_step(state: TrainState, batch: Batch, frozen_tree: Any
+                 ) -> tuple[TrainState, dict[str, jax.Array]]:
     with sharding_context(mesh, rules):
       rng = jax.random.fold_in(state.rng, state.step)
-      _, weights_BL = losses.next_token_targets(batch)
-      num_tokens = jnp.sum(weights_BL)
-      denominator = jnp.maximum(num_tokens, 1.0)
-
       if accum_steps == 1:
-        (_, (sum_loss, sum_z)), grads = grad_fn(state.params, batch, rng, denominator)
+        grads, aux_sums = grad_fn(state.params, batch, rng, frozen_tree)
       else:
         micro_batches = _split_micro_batches(batch, accum_steps)
 
         def accumulate(carry, xs):
-          grads_acc, loss_acc, z_acc = carry
+          grads_acc, aux_acc = carry
           micro_batch, index = xs
-          (_, (sum_loss, sum_z)), grads = grad_fn(
-              state.params, micro_batch, jax.random.fold_in(rng, index), denominator)
-          grads_acc = jax.tree.map(jnp.add, grads_acc, grads)
-          return (grads_acc, loss_acc + sum_loss, z_acc + sum_z), None
+          grads, aux = grad_fn(state.params, micro_batch, jax.random.fold_in(rng, index),
+                               frozen_tree)
+          return (jax.tree.map(jnp.add, grads_acc, grads),
+                  jax.tree.map(jnp.add, aux_acc, aux)), None
 
         zeros = jax.tree.map(jnp.zeros_like, state.params)
         zeros = jax.lax.with_sharding_constraint(zeros, param_shardings)
-        init = (zeros, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32))
-        (grads, sum_loss, sum_z), _ = jax.lax.scan(
-            accumulate, init, (micro_batches, jnp.arange(accum_steps)))
+        aux_shapes = jax.eval_shape(
+            lambda: grad_fn(state.params, jax.tree.map(lambda x: x[0], micro_batches), rng,
+                            frozen_tree)[1])
+        aux_zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), aux_shapes)
+        (grads, aux_sums), _ = jax.lax.scan(
+            accumulate, (zeros, aux_zeros), (micro_batches, jnp.arange(accum_steps)))
 
+      # The gradient of the sum over the global count: the gradient of the mean.
+      scale = 1.0 / jnp.maximum(aux_sums['count'], 1.0)
+      grads = jax.tree.map(lambda g: g * scale.astype(g.dtype), grads)
       grad_norm = optax.global_norm(grads)
       updates, opt_state = tx.update(grads, state.opt_state, state.params)
       params = optax.apply_updates(state.params, updates)
       new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
-      metrics = {
-          'train/loss': sum_loss / denominator,
-          'train/z_loss': sum_z / denominator,
-          'train/grad_norm': grad_norm,
-          'train/learning_rate': schedule(state.step),
-          'train/num_tokens': num_tokens,
-      }
+      metrics = averaged_metrics(aux_sums, 'train')
+      metrics['train/grad_norm'] = grad_norm
+      metrics['train/learning_rate'] = schedule(state.step)
       return new_state, metrics
 
   replicated = mesh_lib.replicated(mesh)
   return Step(fn=train_step,
-              in_shardings=(state_shardings, batch_sharding),
+              in_shardings=(state_shardings, batch_sharding, frozen_shardings),
               out_shardings=(state_shardings, replicated),
-              donate_argnums=(0,))
+              donate_argnums=(0,), bound=(frozen,))
 
 
 def make_eval_step(config: Any, model: nn.Module, mesh: jax.sharding.Mesh,
-                   param_shardings: Any, batch_sharding: jax.sharding.Sharding) -> Step:
-  """`eval_step(params, batch) -> {'nats', 'num_tokens'}` (sums, no z-loss, no dropout)."""
-  rules = mesh_lib.logical_rules(config.mesh)
+                   param_shardings: Any, batch_sharding: Any, *,
+                   loss_fn: objectives.LossFn | None = None, frozen: Any = None,
+                   frozen_shardings: Any = None) -> Step:
+  """`eval_step(params, batch) -> aux_sums` of `loss_fn` (no dropout, no z-loss).
 
-  def eval_step(params: Any, batch: Batch) -> dict[str, jax.Array]:
+  For the next-token loss that is {'loss' (nats), 'count' (target tokens), ...};
+  `evaluate_batches` adds them up over a split.
+  """
+  rules = mesh_lib.logical_rules(config.mesh)
+  loss_fn = loss_fn or objectives.next_token(model)
+
+  def eval_step(params: Any, batch: Batch, frozen_tree: Any) -> dict[str, jax.Array]:
     with sharding_context(mesh, rules):
-      logits_BLV = _forward(model, params, batch, deterministic=True, rng=None)
-      targets_BL, weights_BL = losses.next_token_targets(batch)
-      nats, _, num_tokens = losses.cross_entropy(logits_BLV, targets_BL, weights_BL)
-      return {'nats': nats, 'num_tokens': num_tokens}
+      _, aux_sums = loss_fn(params, batch, None, frozen_tree)
+      return aux_sums
 
   return Step(fn=eval_step,
-              in_shardings=(param_shardings, batch_sharding),
+              in_shardings=(param_shardings, batch_sharding, frozen_shardings),
               out_shardings=mesh_lib.replicated(mesh),
-              donate_argnums=())
+              donate_argnums=(), bound=(frozen,))
 
 
 def evaluate_batches(eval_step: Callable[[Any, Batch], Mapping[str, jax.Array]], params: Any,
                      batches: Iterable[Batch]) -> dict[str, float]:
-  """Mean NLL per target token over all `batches`: {'loss','perplexity','nats','num_tokens'}.
+  """The loss's sums over all `batches`, each divided by the total count.
 
+  Returns {'loss', 'perplexity', 'nats' (the summed loss), 'count',
+  'num_tokens', and every other aux entry averaged (or totalled for num_*)}.
   Per-batch sums stay on device until the end (no host sync per batch) and are
   added in float64 on the host.
   """
-  results = [eval_step(params, batch) for batch in batches]
-  results = jax.device_get(results)
-  nats = float(np.sum([np.float64(r['nats']) for r in results]))
-  num_tokens = float(np.sum([np.float64(r['num_tokens']) for r in results]))
-  if num_tokens == 0:
-    raise ValueError('evaluate_batches: the batches hold no target tokens.')
-  loss = nats / num_tokens
-  return {'loss': loss, 'perplexity': math.exp(min(loss, 700.0)),
-          'nats': nats, 'num_tokens': num_tokens}
+  results = jax.device_get([eval_step(params, batch) for batch in batches])
+  if not results:
+    raise ValueError('evaluate_batches: no batches.')
+  sums = {k: float(np.sum([np.float64(r[k]) for r in results])) for k in results[0]}
+  count = sums['count']
+  if count == 0:
+    raise ValueError('evaluate_batches: the batches hold nothing to score (count 0).')
+  out = {k: (v if k.startswith('num_') else v / count) for k, v in sums.items() if k != 'count'}
+  out.update(count=count, nats=sums['loss'], perplexity=math.exp(min(out['loss'], 700.0)))
+  out.setdefault('num_tokens', count)
+  return out
