@@ -43,6 +43,10 @@ class ModelConfig:
       logit of ~sqrt(d_model) (a start loss of 14.3 nats instead of ln V = 9.0
       for `tiny`); scaled, it is ~1 and the start loss ~ln V. False for
       Hugging Face checkpoints (plain `x @ E.T`). Ignored when not tied.
+      Both switches change the function, not the init (table std 1/sqrt(d),
+      untied head std 1/d): turned off they reproduce a loaded checkpoint,
+      and a model trained from scratch that way no longer starts at ~ln V
+      (tests/test_init_loss.py checks the shipped presets).
     dropout_rate: residual dropout, active only when not deterministic.
     dtype: compute dtype ('float32' on CPU, 'bfloat16' on accelerators).
     param_dtype: dtype the parameters are stored in.
