@@ -34,6 +34,20 @@ class ModelConfig:
     max_len: longest sequence the model is meant for (default KV-cache length).
     rope_theta: base of the rotary position embedding frequencies.
     tie_embeddings: logits use the input embedding matrix (no separate head).
+    scale_embeddings: multiply the looked-up embeddings by sqrt(d_model), so
+      the table's 1/sqrt(d_model) init gives a unit-RMS input (as Gemma
+      does); False for Llama checkpoints, which have no input multiplier.
+    scale_tied_logits: multiply the tied logits by 1/sqrt(d_model) (T5X,
+      MaxText, PaLM). At init the residual stream still points along the
+      current token's embedding, so unscaled tied logits give that token a
+      logit of ~sqrt(d_model) (a start loss of 14.3 nats instead of ln V = 9.0
+      for `tiny`); scaled, it is ~1 and the start loss ~ln V. False for
+      Hugging Face checkpoints (plain `x @ E.T`). Ignored when not tied.
+      Both switches change the function, not the init (table std 1/sqrt(d),
+      untied head std 1/d): turned off they reproduce a loaded checkpoint;
+      a `tiny` initialised with both off starts ~0.4 nats above ln V, with
+      only the logit scale off ~5.3 above (tests/test_init_loss.py checks
+      the shipped presets).
     dropout_rate: residual dropout, active only when not deterministic.
     dtype: compute dtype ('float32' on CPU, 'bfloat16' on accelerators).
     param_dtype: dtype the parameters are stored in.
@@ -52,6 +66,8 @@ class ModelConfig:
   max_len: int
   rope_theta: float = 10000.0
   tie_embeddings: bool = False
+  scale_embeddings: bool = True
+  scale_tied_logits: bool = True
   dropout_rate: float = 0.0
   dtype: str = 'float32'
   param_dtype: str = 'float32'

@@ -116,9 +116,14 @@ class Transformer(nn.Module):
     if cfg.tie_embeddings:
       logits_BLV = embed.attend(x_BLD)
     else:
+      # std 1/d (not 1/sqrt(d)): on the unit-RMS output of the final norm the
+      # logits then start with std 1/sqrt(d) and the loss at ~ln V, where
+      # 1/sqrt(d) would give unit-variance logits and ln V + ~0.5 nats. It is
+      # the effective scale of the tied readout (table std 1/sqrt(d) times
+      # the 1/sqrt(d) logit scale), and the muP readout init.
       head_DV = self.param(
           'lm_head',
-          nn.with_logical_partitioning(nn.initializers.normal(stddev=cfg.d_model ** -0.5),
+          nn.with_logical_partitioning(nn.initializers.normal(stddev=1.0 / cfg.d_model),
                                        ('embed', 'vocab')),
           (cfg.d_model, cfg.vocab_size), jnp.dtype(cfg.param_dtype))
       logits_BLV = matmul(x_BLD, jnp.asarray(head_DV, jnp.dtype(cfg.dtype)),

@@ -31,12 +31,11 @@ NUM_STEPS = 2
 
 
 def small_config(overrides: str = ''):
-  """A 2-layer model whose every sharded dimension divides by 2."""
+  """`tiny` (tied embeddings) as a 2-layer model whose every sharded dimension divides by 2."""
   arg = ('tiny,model.vocab_size=128,model.d_model=32,model.num_layers=2,model.num_heads=4,'
          'model.num_kv_heads=2,model.head_dim=8,model.mlp_dim=64,model.max_len=16,'
          'seq_len=16,batch_size=8,num_train_steps=10,optimizer.warmup_steps=2,'
-         'optimizer.learning_rate=1e-2,loss.z_loss=1e-4,model.tie_embeddings=False,'
-         'model.scan_layers=True')
+         'optimizer.learning_rate=1e-2,loss.z_loss=1e-4,model.scan_layers=True')
   return pretrain.get_config(arg + (',' + overrides if overrides else ''))
 
 

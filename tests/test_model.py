@@ -217,6 +217,26 @@ def test_num_params_matches_param_tree():
       lambda: _init(dataclasses.replace(CFG, tie_embeddings=True)))
 
 
+def test_input_and_tied_logit_scales():
+  """The two switches a Hugging Face Llama checkpoint turns off (ModelConfig)."""
+  tokens = _tokens(9, (2, 12))
+  root_d = np.sqrt(CFG1.d_model)
+  tied = dataclasses.replace(CFG1, tie_embeddings=True)
+  params = _init(tied)
+  # Tied logits are x @ E.T times 1/sqrt(d); off, plain x @ E.T.
+  np.testing.assert_allclose(
+      _apply(tied, params, tokens),
+      _apply(dataclasses.replace(tied, scale_tied_logits=False), params, tokens) / root_d,
+      rtol=1e-5, atol=1e-6)
+  # Without the input multiplier a table stored sqrt(d) times larger is the
+  # same model (untied, so the table feeds the input only).
+  params = _init(CFG1)
+  unscaled = dict(params, embed={'embedding': params['embed']['embedding'] * root_d})
+  np.testing.assert_allclose(
+      _apply(dataclasses.replace(CFG1, scale_embeddings=False), unscaled, tokens),
+      _apply(CFG1, params, tokens), rtol=1e-4, atol=1e-5)
+
+
 def test_flops_per_token():
   cfg = CFG
   non_embedding = num_params(cfg) - cfg.vocab_size * cfg.d_model

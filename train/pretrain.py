@@ -136,8 +136,16 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> loop.LoopResult:
       data_dir, 'train', seq_len=config.seq_len, batch_size=local_batch_size, seed=config.seed,
       num_epochs=config.num_epochs, shuffle=True)
   to_global = lambda batch: loader_lib.global_batch(batch, batch_sharding)
-
-  train_step = steps_lib.make_train_step(config, model, mesh, state_shardings, batch_sharding)
+  loop_cfg = loop.LoopConfig.from_config(config)
+  # Batches in num_epochs passes over the data; None when num_epochs is None.
+  data_steps = getattr(train_loader, 'num_batches', None)
+  if data_steps is not None:
+    # Whichever ends first: num_train_steps (if > 0) or num_epochs over the data.
+    loop_cfg = dataclasses.replace(
+        loop_cfg, num_train_steps=min(loop_cfg.num_train_steps or data_steps, data_steps))
+  # The learning-rate schedule spans the steps the run really takes.
+  train_step = steps_lib.make_train_step(config, model, mesh, state_shardings, batch_sharding,
+                                         num_train_steps=loop_cfg.num_train_steps)
   eval_step = steps_lib.make_eval_step(config, model, mesh, state_shardings.params,
                                        batch_sharding)
   eval_steps = config.eval_steps if config.eval_steps and config.eval_steps > 0 else None
@@ -154,12 +162,6 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> loop.LoopResult:
   startup['model/num_params'] = model_config_lib.num_params(model_cfg)
   checkpointer = checkpoint_lib.Checkpointer(
       os.fspath(epath.Path(workdir) / run_files.CHECKPOINT_DIR), keep=config.keep_checkpoints)
-  loop_cfg = loop.LoopConfig.from_config(config)
-  epoch_steps = getattr(train_loader, 'num_batches', None)   # set when num_epochs is finite
-  if epoch_steps is not None:
-    # Whichever ends first: num_train_steps (if > 0) or num_epochs over the data.
-    loop_cfg = dataclasses.replace(
-        loop_cfg, num_train_steps=min(loop_cfg.num_train_steps or epoch_steps, epoch_steps))
   try:
     return loop.run(
         workdir=workdir, loop_cfg=loop_cfg, train_step=train_step, train_loader=train_loader,
