@@ -29,6 +29,7 @@ import math
 import threading
 from typing import Any
 
+from absl import logging
 import grain
 import jax
 import numpy as np
@@ -193,6 +194,13 @@ class Loader:
             'step': self._step, 'epoch': epoch, 'epoch_start': start}
 
   def set_state(self, state: dict[str, Any]) -> None:
+    if state.get('version') == 1 and 'emitted' in state:
+      # Per-process packing (before version 2) has no equivalent position in
+      # the global plan; keep the step count, so a run goes on rather than stopping.
+      logging.warning('Loader state of version 1 (per-process packing): the data order has '
+                      'changed; continuing at batch %d of the new order.', state['emitted'])
+      self._step, self._iterator = int(state['emitted']), None
+      return
     if state.get('version') != _STATE_VERSION:
       raise ValueError(f'unknown loader state version {state.get("version")!r} (this loader '
                        f'writes {_STATE_VERSION}; version 1 was per process)')

@@ -136,15 +136,11 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> loop.LoopResult:
   abstract_state, state_shardings = state_lib.abstract_state(config, model, mesh)
   batch_sharding = mesh_lib.batch_sharding(mesh, rules)
 
-  if config.batch_size % jax.process_count():
-    raise ValueError(f'batch_size={config.batch_size} is not a multiple of the '
-                     f'{jax.process_count()} processes.')
-  local_batch_size = config.batch_size // jax.process_count()
   data_dir = config.data.workdir
   train_loader = loader_lib.make_loader(
-      data_dir, 'train', seq_len=config.seq_len, batch_size=local_batch_size, seed=config.seed,
-      num_epochs=config.num_epochs, shuffle=True)
-  to_global = lambda batch: loader_lib.global_batch(batch, batch_sharding)
+      data_dir, 'train', seq_len=config.seq_len, batch_size=config.batch_size, seed=config.seed,
+      num_epochs=config.num_epochs, shuffle=True, sharding=batch_sharding)
+  to_global = lambda batch: loader_lib.global_batch(batch, batch_sharding, config.batch_size)
 
   train_step = steps_lib.make_train_step(config, model, mesh, state_shardings, batch_sharding)
   eval_step = steps_lib.make_eval_step(config, model, mesh, state_shardings.params,
@@ -155,8 +151,9 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> loop.LoopResult:
     evaluate = loop.make_evaluator(
         eval_step,
         lambda: loader_lib.make_loader(
-            data_dir, 'validation', seq_len=config.seq_len, batch_size=local_batch_size,
-            seed=config.seed, num_epochs=1, shuffle=False, drop_remainder=False),
+            data_dir, 'validation', seq_len=config.seq_len, batch_size=config.batch_size,
+            seed=config.seed, num_epochs=1, shuffle=False, drop_remainder=False,
+            sharding=batch_sharding),
         to_global, eval_steps)
 
   peak, startup = _peak_flops(mesh)
