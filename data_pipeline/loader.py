@@ -101,19 +101,20 @@ class _Epochs:
                                               self._spec.seq_len)
     return self._plans[epoch]
 
-  def locate(self, row: int) -> tuple[int, int]:
-    """(epoch, its first global row) of a global row; epoch == num_epochs past the end."""
+  def locate(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Epoch and its first global row, of each global row; epoch == num_epochs past the end."""
     num_epochs = self._spec.num_epochs
     with self._lock:
-      if row < self._starts[0]:
-        raise ValueError(f'row {row} is before epoch {self._first_epoch}, where this loader resumed')
+      if rows.min() < self._starts[0]:
+        raise ValueError(f'row {rows.min()} is before epoch {self._first_epoch}, where this '
+                         'loader resumed')
       while True:
         last = self._first_epoch + len(self._starts) - 1
-        if row < self._starts[-1] or (num_epochs is not None and last >= num_epochs):
+        if rows.max() < self._starts[-1] or (num_epochs is not None and last >= num_epochs):
           break
         self._starts.append(self._starts[-1] + self._plan(last).num_rows)
-      k = int(np.searchsorted(self._starts, row, side='right')) - 1
-      return self._first_epoch + k, self._starts[k]
+      k = np.searchsorted(self._starts, rows, side='right') - 1
+      return self._first_epoch + k, np.asarray(self._starts)[k]
 
   def resume_at(self, epoch: int, start: int) -> None:
     """Trusts a saved (epoch, first row), so the epochs before it need no plan."""
@@ -122,7 +123,7 @@ class _Epochs:
 
   def total_rows(self) -> int:
     assert self._spec.num_epochs is not None
-    return self.locate(_NO_END)[1]
+    return int(self.locate(np.array([_NO_END]))[1][0])
 
 
 class Loader:
@@ -139,6 +140,7 @@ class Loader:
     self.rows = rows
     self._source = source
     self._epochs = _Epochs(spec, lengths)
+    self._arange = np.arange(spec.seq_len, dtype=np.int32)
     self._step = 0
     self._iterator = None
     self.num_batches = None
@@ -165,33 +167,33 @@ class Loader:
 
   def batch(self, step: int) -> dict[str, np.ndarray]:
     """This process's rows of global batch `step`."""
-    seq_len = self.spec.seq_len
-    out = {k: np.zeros((len(self.rows), seq_len), np.int32) for k in FIELDS}
-    placed = []  # (local row, plan, piece index)
-    for i, row in enumerate(step * self.spec.batch_size + self.rows):
-      epoch, start = self._epochs.locate(int(row))
+    rows = step * self.spec.batch_size + self.rows
+    epochs, starts = self._epochs.locate(rows)
+    out = {k: np.zeros((len(rows), self.spec.seq_len), np.int32) for k in FIELDS}
+    for epoch in np.unique(epochs).tolist():
       if epoch == self.spec.num_epochs:
-        continue  # Past the end of the data: a padding row.
+        continue  # Past the end of the data: padding rows.
       plan = self._epochs.plan(epoch)
-      placed.extend((i, plan, p) for p in plan.pieces(int(row) - start))
-    doc_ids = sorted({int(plan.doc[p]) for _, plan, p in placed})
-    records = (self._source.__getitems__(doc_ids) if hasattr(self._source, '__getitems__')
-               else [self._source[d] for d in doc_ids])
-    docs = {d: _document_fields(r) for d, r in zip(doc_ids, records)}
-    for i, plan, p in placed:
-      doc, start, n, col = (int(plan.doc[p]), int(plan.start[p]), int(plan.length[p]),
-                            int(plan.col[p]))
-      for name, values in docs[doc].items():
-        out[name][i, col:col + n] = values[start:start + n]
-      out['segment_ids'][i, col:col + n] = plan.segment[p]
-      out['positions'][i, col:col + n] = np.arange(n)
+      [mine] = np.nonzero(epochs == epoch)
+      which, piece = plan.pieces(rows[mine] - starts[mine])
+      pieces = zip(mine[which].tolist(), plan.doc[piece].tolist(), plan.start[piece].tolist(),
+                   plan.length[piece].tolist(), plan.col[piece].tolist(),
+                   plan.segment[piece].tolist())
+      # One read per record: the source's batched read starts threads on every
+      # call, which costs more than the few records of a batch.
+      docs = {d: _document_fields(self._source[d]) for d in set(plan.doc[piece].tolist())}
+      for i, doc, start, n, col, segment in pieces:
+        for name, values in docs[doc].items():
+          out[name][i, col:col + n] = values[start:start + n]
+        out['segment_ids'][i, col:col + n] = segment
+        out['positions'][i, col:col + n] = self._arange[:n]
     return out
 
   def get_state(self) -> dict[str, Any]:
     """JSON-serialisable, the same on every process; `set_state` resumes at the next batch."""
-    epoch, start = self._epochs.locate(self._step * self.spec.batch_size)
+    epoch, start = self._epochs.locate(np.array([self._step * self.spec.batch_size]))
     return {'version': _STATE_VERSION, 'spec': dataclasses.asdict(self.spec),
-            'step': self._step, 'epoch': epoch, 'epoch_start': start}
+            'step': self._step, 'epoch': int(epoch[0]), 'epoch_start': int(start[0])}
 
   def set_state(self, state: dict[str, Any]) -> None:
     if state.get('version') == 1 and 'emitted' in state:

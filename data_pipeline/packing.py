@@ -35,37 +35,51 @@ class Plan:
   segment: np.ndarray
   num_rows: int
 
-  def pieces(self, row: int) -> range:
-    """Indices of the pieces of `row`."""
-    first, end = np.searchsorted(self.row, [row, row + 1])
-    return range(int(first), int(end))
+  def pieces(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(row index into `rows`, piece index) of every piece of those rows, in order."""
+    first = np.searchsorted(self.row, rows)
+    count = np.searchsorted(self.row, rows + 1) - first
+    which = np.repeat(np.arange(len(rows)), count)
+    # Piece indices first[k], first[k] + 1, ... for each row k, concatenated.
+    offsets = np.arange(len(which)) - np.repeat(np.cumsum(count) - count, count)
+    return which, np.repeat(first, count) + offsets
 
 
 def plan_epoch(order: np.ndarray, lengths: np.ndarray, seq_len: int) -> Plan:
   """Packs documents `order` (indices into `lengths`, bos/eos included) into rows."""
-  pieces: list[tuple[int, int, int, int, int]] = []  # (doc, start, length, row, col)
+  sizes = lengths.tolist()  # Python ints: this loop runs once per document.
+  docs, starts, pieces_len, rows, cols = [], [], [], [], []
   row = used = 0
   for doc in order.tolist():
-    size = int(lengths[doc])
+    size = sizes[doc]
     if size <= seq_len:
       if used + size > seq_len:  # Close the row with padding.
         row, used = row + 1, 0
-      pieces.append((doc, 0, size, row, used))
+      docs.append(doc)
+      starts.append(0)
+      pieces_len.append(size)
+      rows.append(row)
+      cols.append(used)
       used += size
-    else:
-      start = 0
-      while start < size:
-        n = min(seq_len - used, size - start)
-        pieces.append((doc, start, n, row, used))
-        start, used = start + n, used + n
-        if used == seq_len:
-          row, used = row + 1, 0
+    else:  # The rest of this row, then whole rows from column 0.
+      later = range(seq_len - used, size, seq_len)
+      k = 1 + len(later)
+      docs.extend([doc] * k)
+      starts.append(0)
+      starts.extend(later)
+      pieces_len.append(seq_len - used)
+      pieces_len.extend([seq_len] * (k - 2))
+      pieces_len.append(size - later[-1])
+      rows.extend(range(row, row + k))
+      cols.append(used)
+      cols.extend([0] * (k - 1))
+      row, used = row + k - 1, size - later[-1]
     if used == seq_len:
       row, used = row + 1, 0
   num_rows = row + (used > 0)
-  table = np.array(pieces, np.int64).reshape(-1, 5)
-  doc, start, length, rows, col = table.T
+  as_array = lambda values: np.array(values, np.int64)
+  rows_ = as_array(rows)
   # Segment = 1 + the piece's place in its row.
-  first_of_row = np.searchsorted(rows, rows)
-  segment = np.arange(len(rows)) - first_of_row + 1
-  return Plan(doc, start, length, rows, col, segment, num_rows)
+  segment = np.arange(len(rows_)) - np.searchsorted(rows_, rows_) + 1
+  return Plan(as_array(docs), as_array(starts), as_array(pieces_len), rows_, as_array(cols),
+              segment, num_rows)
