@@ -283,20 +283,20 @@ def make_loader(
 def global_batch(local_batch: dict[str, np.ndarray], sharding: jax.sharding.Sharding,
                  batch_size: int) -> dict[str, jax.Array]:
   """Global [batch_size, seq_len] arrays from this process's rows (`process_rows` order)."""
-  arrays = {}
-  for name, local in local_batch.items():
-    seq_len = local.shape[1]
-    rows = process_rows(sharding, batch_size, seq_len)
-    if len(rows) != len(local):
-      raise ValueError(f'{name}: {len(local)} local rows, but this process holds {len(rows)} '
-                       f'rows of a batch of {batch_size} under {sharding}')
-    where = np.full(batch_size, -1)
-    where[rows] = np.arange(len(rows))
-    arrays[name] = jax.make_array_from_callback(
+  num_local, seq_len = next(iter(local_batch.values())).shape
+  rows = process_rows(sharding, batch_size, seq_len)
+  if len(rows) != num_local:
+    raise ValueError(f'{num_local} local rows, but this process holds {len(rows)} rows of a '
+                     f'batch of {batch_size} under {sharding}')
+  where = np.full(batch_size, -1)  # Global row -> local row.
+  where[rows] = np.arange(len(rows))
+
+  def make(local: np.ndarray) -> jax.Array:
+    return jax.make_array_from_callback(
         (batch_size, seq_len), sharding,
-        lambda index, local=local, where=where: local[where[np.arange(batch_size)[index[0]]]]
-        [:, index[1]])
-  return arrays
+        lambda index: local[where[np.arange(batch_size)[index[0]]]][:, index[1]])
+
+  return {name: make(local) for name, local in local_batch.items()}
 
 
 def num_bytes(data_dir: str, split: str) -> int:
