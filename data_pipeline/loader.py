@@ -1,245 +1,235 @@
-"""Packed, sharded, shuffled batches of the pre-tokenized corpus, with Grain.
+"""Packed, shuffled global batches of the pre-tokenized corpus; each process reads its rows.
 
-Pipeline (per process):
-  tfds data source -> this process's documents (index i::process_count)
-  -> global shuffle, reseeded every epoch -> repeat -> [BOS] + tokens + [EOS]
-  -> pack into rows of seq_len (segment_ids, positions) -> batch.
+The global batch at step s is a function of the data, the seed, the row shape
+and s only, never of the number of processes:
 
-Sharding happens on record indices before anything else, so processes see
-disjoint documents that together cover the split. The packer is a Grain
-iterator whose state is (the parent state at the document being packed, how
-much of it is already emitted), so a restored loader continues exactly.
+  per-document lengths (from the dataset metadata, no record read)
+  -> epoch e: a permutation of ALL documents seeded by (seed, e)
+  -> its packing plan (`data_pipeline.packing`): rows of [BOS] + tokens + [EOS] pieces
+  -> epochs concatenated; global batch s = rows [s * B, (s + 1) * B).
 
-With a finite number of epochs, processes would pack different numbers of
-rows, and a process that stops early leaves the others waiting in a
-collective. So every process counts the batches of all of them (from document
-lengths, with the same packing rule) and they all yield the same number:
-the smallest (drop_remainder=True, training) or the largest, padded with
-all-zero batches (drop_remainder=False, evaluation).
+Each process materialises only the rows of the batch it holds: the rows of its
+addressable shards of the batch sharding (`process_rows`), so a mesh whose
+processes share a batch slice works too. `global_batch` assembles the global
+arrays from them with `jax.make_array_from_callback`. Building batch s reads
+only the documents of those rows; Grain builds the next batches on threads.
+
+The state is (spec, step) and identical on every process, so a run saved by N
+processes resumes on M at the exact next batch. With a finite number of epochs
+the number of batches follows from the plan and is the same everywhere:
+drop_remainder=False pads the last batch with all-zero rows (segment 0), so
+evaluation sees every token exactly once.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Sequence
 import dataclasses
 import math
+import threading
 from typing import Any
 
+from absl import logging
 import grain
 import jax
 import numpy as np
 
+from data_pipeline import packing
 from data_pipeline import shards
 from data_pipeline import tokenizer
 
-_STATE_VERSION = 1
+_STATE_VERSION = 2
+# Aligned per-token fields of a row, each int32 [seq_len]; padding is 0.
+FIELDS = ('tokens', 'segment_ids', 'positions')
+# Batches are numbered up to here when the data repeats forever.
+_NO_END = 2**62
+_PLANS_KEPT = 4
 
 
-def _wrap_document(record: dict[str, Any]) -> np.ndarray:
+@dataclasses.dataclass(frozen=True)
+class LoaderSpec:
+  """What fixes the batches; saved with the state and checked on restore."""
+  split: str
+  seq_len: int
+  batch_size: int  # Global: rows of one batch over all processes.
+  seed: int
+  num_epochs: int | None
+  shuffle: bool
+  drop_remainder: bool
+  num_documents: int
+
+
+def _document_fields(record: dict[str, Any]) -> dict[str, np.ndarray]:
+  """A document's aligned per-token fields, [BOS] + tokens + [EOS]; pieces are slices of them."""
   tokens = record['tokens']
   doc = np.empty(len(tokens) + 2, np.int32)
   doc[0] = tokenizer.BOS_ID
   doc[1:-1] = tokens
   doc[-1] = tokenizer.EOS_ID
-  return doc
+  return {'tokens': doc}
 
 
-class _PackIterator(grain.DatasetIterator):
-  """Packs documents into rows of `seq_len`, one segment per document piece.
+class _Epochs:
+  """Packing plans of the epochs, built when first needed, and where each epoch starts.
 
-  A document that fits in `seq_len` is never cut: if it does not fit in what is
-  left of the row, the row is closed with padding and the document starts the
-  next one. A longer document must be cut anyway, so its first piece fills the
-  rest of the current row and the following pieces fill whole rows.
+  Thread-safe: Grain builds several batches at once.
   """
 
-  def __init__(self, parent: grain.DatasetIterator, seq_len: int):
-    super().__init__(parent)
-    self._seq_len = seq_len
-    self._arange = np.arange(seq_len, dtype=np.int32)
-    self._doc: np.ndarray | None = None  # Document being packed.
-    self._offset = 0  # Tokens of self._doc already emitted.
-    self._doc_state = None  # Parent state whose next element is self._doc.
-    self._exhausted = False
+  def __init__(self, spec: LoaderSpec, lengths: np.ndarray):
+    self._spec = spec
+    self._lengths = lengths + 2  # With bos and eos.
+    self._lock = threading.Lock()
+    self._plans: dict[int, packing.Plan] = {}
+    self._first_epoch = 0
+    self._starts = [0]  # Global first row of epochs _first_epoch, _first_epoch + 1, ...
 
-  def _fetch(self) -> None:
-    self._doc_state = self._parent.get_state()
-    self._offset = 0
-    try:
-      self._doc = next(self._parent)
-    except StopIteration:
-      self._doc = None
-      self._exhausted = True
+  def _order(self, epoch: int) -> np.ndarray:
+    n = self._spec.num_documents
+    if not self._spec.shuffle:
+      return np.arange(n)
+    return np.random.default_rng([self._spec.seed, epoch]).permutation(n)
 
-  def __next__(self) -> dict[str, np.ndarray]:
-    seq_len = self._seq_len
-    tokens = np.zeros(seq_len, np.int32)
-    segment_ids = np.zeros(seq_len, np.int32)
-    positions = np.zeros(seq_len, np.int32)
-    used = num_pieces = 0
-    while used < seq_len:
-      if self._doc is None:
-        if self._exhausted:
+  def plan(self, epoch: int) -> packing.Plan:
+    with self._lock:
+      return self._plan(epoch)
+
+  def _plan(self, epoch: int) -> packing.Plan:
+    if epoch not in self._plans:
+      if len(self._plans) >= _PLANS_KEPT:
+        del self._plans[min(self._plans)]
+      self._plans[epoch] = packing.plan_epoch(self._order(epoch), self._lengths,
+                                              self._spec.seq_len)
+    return self._plans[epoch]
+
+  def locate(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Epoch and its first global row, of each global row; epoch == num_epochs past the end."""
+    num_epochs = self._spec.num_epochs
+    with self._lock:
+      if rows.min() < self._starts[0]:
+        raise ValueError(f'row {rows.min()} is before epoch {self._first_epoch}, where this '
+                         'loader resumed')
+      while True:
+        last = self._first_epoch + len(self._starts) - 1
+        if rows.max() < self._starts[-1] or (num_epochs is not None and last >= num_epochs):
           break
-        self._fetch()
-        if self._doc is None:
-          break
-      doc, start = self._doc, self._offset
-      rest, space = len(doc) - start, seq_len - used
-      if rest <= space:
-        n = rest
-      elif len(doc) > seq_len:
-        n = space
-      else:
-        break  # Fits in a fresh row: keep it whole.
-      num_pieces += 1
-      tokens[used:used + n] = doc[start:start + n]
-      segment_ids[used:used + n] = num_pieces
-      positions[used:used + n] = self._arange[:n]
-      used += n
-      if n == rest:
-        self._doc = None
-      else:
-        self._offset += n
-    if used == 0:
-      raise StopIteration
-    return {'tokens': tokens, 'segment_ids': segment_ids, 'positions': positions}
+        self._starts.append(self._starts[-1] + self._plan(last).num_rows)
+      k = np.searchsorted(self._starts, rows, side='right') - 1
+      return self._first_epoch + k, np.asarray(self._starts)[k]
 
-  def get_state(self) -> dict[str, Any]:
-    if self._doc is None:
-      return {'parent': self._parent.get_state(), 'offset': 0}
-    return {'parent': self._doc_state, 'offset': self._offset}
+  def resume_at(self, epoch: int, start: int) -> None:
+    """Trusts a saved (epoch, first row), so the epochs before it need no plan."""
+    with self._lock:
+      self._first_epoch, self._starts = epoch, [start]
 
-  def set_state(self, state: dict[str, Any]) -> None:
-    self._parent.set_state(state['parent'])
-    self._doc, self._offset, self._exhausted = None, 0, False
-    if state['offset']:
-      self._fetch()
-      if self._doc is None or state['offset'] >= len(self._doc):
-        raise ValueError(f'loader state does not match the data: {state}')
-      self._offset = state['offset']
-
-
-def _count_rows(lengths: Iterable[int], seq_len: int) -> int:
-  """Rows `_PackIterator` makes from documents of these lengths (bos/eos included)."""
-  rows = used = 0
-  for length in lengths:
-    if length <= seq_len:
-      if used + length > seq_len:  # Closed with padding.
-        rows, used = rows + 1, 0
-      used += length
-    else:  # Cut: fills the current row, then whole rows.
-      full, used = divmod(used + length, seq_len)
-      rows += full
-    if used == seq_len:
-      rows, used = rows + 1, 0
-  return rows + (used > 0)
-
-
-class _PackIterDataset(grain.IterDataset):
-
-  def __init__(self, parent: grain.IterDataset, seq_len: int):
-    super().__init__(parent)
-    self._seq_len = seq_len
-
-  def __iter__(self) -> _PackIterator:
-    return _PackIterator(self._parent.__iter__(), self._seq_len)
-
-
-def _pad_batch(batch: dict[str, np.ndarray], batch_size: int) -> dict[str, np.ndarray]:
-  missing = batch_size - len(batch['tokens'])
-  if not missing:
-    return batch
-  return {k: np.pad(v, ((0, missing), (0, 0))) for k, v in batch.items()}
-
-
-@dataclasses.dataclass(frozen=True)
-class LoaderSpec:
-  """What fixes the order of batches; saved with the state and checked on restore."""
-  split: str
-  seq_len: int
-  batch_size: int
-  seed: int
-  num_epochs: int | None
-  shuffle: bool
-  drop_remainder: bool
-  process_index: int
-  process_count: int
-  num_documents: int
+  def total_rows(self) -> int:
+    assert self._spec.num_epochs is not None
+    return int(self.locate(np.array([_NO_END]))[1][0])
 
 
 class Loader:
-  """Iterator over batches: dicts of int32 [batch_size, seq_len] numpy arrays.
+  """Iterator over this process's part of each global batch.
 
-  `num_batches` is the number of batches it yields when num_epochs is finite
-  (the same on every process), else None.
+  Yields dicts of int32 [len(rows), seq_len] numpy arrays (`FIELDS`): the rows
+  `rows` (global row indices within a batch) of batch 0, 1, .... `num_batches`
+  is the number of batches when num_epochs is finite (the same on every
+  process), else None.
   """
 
-  def __init__(self, dataset: grain.IterDataset, spec: LoaderSpec,
-               num_batches: int | None = None):
+  def __init__(self, source: Any, spec: LoaderSpec, lengths: np.ndarray, rows: np.ndarray):
     self.spec = spec
-    self.num_batches = num_batches
-    self._iterator = iter(dataset)
-    self._emitted = 0
+    self.rows = rows
+    self._source = source
+    self._epochs = _Epochs(spec, lengths)
+    self._arange = np.arange(spec.seq_len, dtype=np.int32)
+    self._step = 0
+    self._iterator = None
+    self.num_batches = None
+    if spec.num_epochs is not None:
+      rounding = math.floor if spec.drop_remainder else math.ceil
+      self.num_batches = rounding(self._epochs.total_rows() / spec.batch_size)
 
   def __iter__(self) -> Loader:
     return self
 
   def __next__(self) -> dict[str, np.ndarray]:
-    if self.num_batches is not None and self._emitted >= self.num_batches:
+    end = _NO_END if self.num_batches is None else self.num_batches
+    if self._step >= end:
       raise StopIteration
-    try:
-      batch = next(self._iterator)
-    except StopIteration:
-      if self.num_batches is None:
-        raise
-      # Other processes still have batches: take part with padding only.
-      shape = (self.spec.batch_size, self.spec.seq_len)
-      batch = {k: np.zeros(shape, np.int32) for k in ('tokens', 'segment_ids', 'positions')}
-    self._emitted += 1
+    if self._iterator is None:
+      batches = grain.MapDataset.range(self._step, end).map(self.batch)
+      # Two threads match the machines this runs on (2 cores); a batch is a
+      # few record reads and copies.
+      self._iterator = iter(batches.to_iter_dataset(
+          grain.ReadOptions(num_threads=2, prefetch_buffer_size=4)))
+    batch = next(self._iterator)
+    self._step += 1
     return batch
 
+  def batch(self, step: int) -> dict[str, np.ndarray]:
+    """This process's rows of global batch `step`."""
+    rows = step * self.spec.batch_size + self.rows
+    epochs, starts = self._epochs.locate(rows)
+    out = {k: np.zeros((len(rows), self.spec.seq_len), np.int32) for k in FIELDS}
+    for epoch in np.unique(epochs).tolist():
+      if epoch == self.spec.num_epochs:
+        continue  # Past the end of the data: padding rows.
+      plan = self._epochs.plan(epoch)
+      [mine] = np.nonzero(epochs == epoch)
+      which, piece = plan.pieces(rows[mine] - starts[mine])
+      pieces = zip(mine[which].tolist(), plan.doc[piece].tolist(), plan.start[piece].tolist(),
+                   plan.length[piece].tolist(), plan.col[piece].tolist(),
+                   plan.segment[piece].tolist())
+      # One read per record: the source's batched read starts threads on every
+      # call, which costs more than the few records of a batch.
+      docs = {d: _document_fields(self._source[d]) for d in set(plan.doc[piece].tolist())}
+      for i, doc, start, n, col, segment in pieces:
+        for name, values in docs[doc].items():
+          out[name][i, col:col + n] = values[start:start + n]
+        out['segment_ids'][i, col:col + n] = segment
+        out['positions'][i, col:col + n] = self._arange[:n]
+    return out
+
   def get_state(self) -> dict[str, Any]:
-    """JSON-serialisable state; `set_state` on a loader of the same spec resumes here."""
+    """JSON-serialisable, the same on every process; `set_state` resumes at the next batch."""
+    epoch, start = self._epochs.locate(np.array([self._step * self.spec.batch_size]))
     return {'version': _STATE_VERSION, 'spec': dataclasses.asdict(self.spec),
-            'iterator': self._iterator.get_state(), 'emitted': self._emitted}
+            'step': self._step, 'epoch': int(epoch[0]), 'epoch_start': int(start[0])}
 
   def set_state(self, state: dict[str, Any]) -> None:
+    if state.get('version') == 1 and 'emitted' in state:
+      # Per-process packing (before version 2) has no equivalent position in
+      # the global plan; keep the step count, so a run goes on rather than stopping.
+      logging.warning('Loader state of version 1 (per-process packing): the data order has '
+                      'changed; continuing at batch %d of the new order.', state['emitted'])
+      self._step, self._iterator = int(state['emitted']), None
+      return
     if state.get('version') != _STATE_VERSION:
-      raise ValueError(f'unknown loader state version {state.get("version")!r}')
+      raise ValueError(f'unknown loader state version {state.get("version")!r} (this loader '
+                       f'writes {_STATE_VERSION}; version 1 was per process)')
     mine = dataclasses.asdict(self.spec)
     diff = {k: (v, mine.get(k)) for k, v in state['spec'].items() if mine.get(k) != v}
     if diff:
       raise ValueError(
           'loader state was saved by a loader with other settings '
           '(saved, now): ' + ', '.join(f'{k}={a!r}, {b!r}' for k, (a, b) in diff.items()))
-    self._iterator.set_state(state['iterator'])
-    self._emitted = state['emitted']
+    self._epochs.resume_at(state['epoch'], state['epoch_start'])
+    self._step, self._iterator = state['step'], None
 
 
-def _document_order(num_documents: int, process_index: int, process_count: int,
-                    shuffle: bool, seed: int, num_epochs: int | None) -> grain.MapDataset:
-  """Indices of the documents one process reads, in order."""
-  ds = grain.MapDataset.range(num_documents)[process_index::process_count]
-  if shuffle:
-    ds = ds.shuffle(seed=seed)
-  # Shuffle before repeat: repeat hands the shuffle indices past the first
-  # epoch, which it reshuffles with seed + epoch.
-  return ds.repeat(num_epochs)
+def process_rows(sharding: jax.sharding.Sharding, batch_size: int, seq_len: int,
+                 devices: Sequence[jax.Device] | None = None) -> np.ndarray:
+  """Sorted global rows of a [batch_size, seq_len] batch that `devices` hold.
 
-
-def _agreed_num_batches(source, spec: LoaderSpec) -> int:
-  """Batches every process yields with a finite num_epochs (module docstring)."""
-  lengths = np.array([len(source[i]['tokens']) + 2 for i in range(len(source))])
-  counts = []
-  for p in range(spec.process_count):
-    order = _document_order(len(source), p, spec.process_count, spec.shuffle, spec.seed,
-                            spec.num_epochs)
-    rows = _count_rows(lengths[np.fromiter(order, np.int64, len(order))], spec.seq_len)
-    counts.append(rows / spec.batch_size)
-  if spec.drop_remainder:
-    return math.floor(min(counts))
-  return math.ceil(max(counts))
+  `devices` defaults to this process's addressable devices; tests pass another
+  set to stand for another process.
+  """
+  shape = (batch_size, seq_len)
+  if devices is None:
+    index_map = sharding.addressable_devices_indices_map(shape)
+  else:
+    index_map = {d: i for d, i in sharding.devices_indices_map(shape).items() if d in devices}
+  all_rows = np.arange(batch_size)
+  return np.unique(np.concatenate([all_rows[index[0]] for index in index_map.values()]))
 
 
 def make_loader(
@@ -252,8 +242,8 @@ def make_loader(
     num_epochs: int | None = None,
     shuffle: bool = True,
     drop_remainder: bool = True,
-    process_index: int | None = None,
-    process_count: int | None = None,
+    sharding: jax.sharding.Sharding | None = None,
+    rows: Sequence[int] | None = None,
 ) -> Loader:
   """Batches of packed rows from `<data_dir>/tfds` (see the module docstring).
 
@@ -261,47 +251,52 @@ def make_loader(
     data_dir: the data workdir (holding `tfds/`).
     split: 'train', 'validation' or 'test'.
     seq_len: row length.
-    batch_size: rows per batch on this process (global batch / process_count).
+    batch_size: rows per global batch (all processes together).
     seed: shuffle seed; each epoch is shuffled differently.
     num_epochs: None repeats forever.
     shuffle: False keeps the stored order (evaluation).
     drop_remainder: False with a finite num_epochs pads the last batch with
       all-zero rows (segment 0), so every token is seen exactly once.
-    process_index, process_count: this process's shard; default from jax.
+    sharding: the batch sharding; this process reads the rows its devices
+      hold (`process_rows`). None: all rows.
+    rows: the global rows to read, instead of `sharding` (to simulate a process).
   """
   if seq_len < 2 or batch_size < 1:
     raise ValueError(f'need seq_len >= 2 and batch_size >= 1, got {seq_len}, {batch_size}')
   if num_epochs is not None and num_epochs < 1:
     raise ValueError(f'num_epochs must be None or >= 1, got {num_epochs}')
-  process_index = jax.process_index() if process_index is None else process_index
-  process_count = jax.process_count() if process_count is None else process_count
-  if not 0 <= process_index < process_count:
-    raise ValueError(f'process_index {process_index} not in [0, {process_count})')
+  if rows is None:
+    rows = (np.arange(batch_size) if sharding is None
+            else process_rows(sharding, batch_size, seq_len))
+  rows = np.asarray(rows, np.int64)
+  if not len(rows) or rows.min() < 0 or rows.max() >= batch_size:
+    raise ValueError(f'rows must be a non-empty subset of [0, {batch_size}), got {rows}')
   source = shards.data_source(data_dir, split)
-  if process_index >= len(source):
-    raise ValueError(
-        f'split {split!r} of {shards.dataset_dir(data_dir)} has {len(source)} documents: '
-        f'none for process {process_index} of {process_count}')
-  spec = LoaderSpec(split, seq_len, batch_size, seed, num_epochs, shuffle,
-                    drop_remainder, process_index, process_count, len(source))
-  order = _document_order(len(source), process_index, process_count, shuffle, seed,
-                          num_epochs)
-  ds = order.map(lambda i: _wrap_document(source[i]))
-  # Two reader threads match the machines this runs on (2 cores); decoding a
-  # record is a memcpy, so more threads only add contention.
-  it = ds.to_iter_dataset(grain.ReadOptions(num_threads=2, prefetch_buffer_size=64))
-  it = _PackIterDataset(it, seq_len).batch(batch_size, drop_remainder=drop_remainder)
-  if not drop_remainder:
-    it = it.map(lambda batch: _pad_batch(batch, batch_size))
-  num_batches = None if num_epochs is None else _agreed_num_batches(source, spec)
-  return Loader(it, spec, num_batches)
+  if not len(source):
+    raise ValueError(f'split {split!r} of {shards.dataset_dir(data_dir)} has no documents')
+  lengths = shards.document_lengths(data_dir, split)
+  spec = LoaderSpec(split, seq_len, batch_size, seed, num_epochs, shuffle, drop_remainder,
+                    len(source))
+  return Loader(source, spec, lengths, rows)
 
 
-def global_batch(local_batch: dict[str, np.ndarray],
-                 sharding: jax.sharding.Sharding) -> dict[str, jax.Array]:
-  """Global arrays from every process's local batch (batch dim concatenated)."""
-  return {k: jax.make_array_from_process_local_data(sharding, v)
-          for k, v in local_batch.items()}
+def global_batch(local_batch: dict[str, np.ndarray], sharding: jax.sharding.Sharding,
+                 batch_size: int) -> dict[str, jax.Array]:
+  """Global [batch_size, seq_len] arrays from this process's rows (`process_rows` order)."""
+  num_local, seq_len = next(iter(local_batch.values())).shape
+  rows = process_rows(sharding, batch_size, seq_len)
+  if len(rows) != num_local:
+    raise ValueError(f'{num_local} local rows, but this process holds {len(rows)} rows of a '
+                     f'batch of {batch_size} under {sharding}')
+  where = np.full(batch_size, -1)  # Global row -> local row.
+  where[rows] = np.arange(len(rows))
+
+  def make(local: np.ndarray) -> jax.Array:
+    return jax.make_array_from_callback(
+        (batch_size, seq_len), sharding,
+        lambda index: local[where[np.arange(batch_size)[index[0]]]][:, index[1]])
+
+  return {name: make(local) for name, local in local_batch.items()}
 
 
 def num_bytes(data_dir: str, split: str) -> int:

@@ -1,8 +1,9 @@
-"""Loader: packing invariants, exact epochs, shuffling, sharding, resumable state."""
+"""Loader: packing invariants, exact epochs, shuffling, process-count independence, state."""
 
 from __future__ import annotations
 
 import collections
+import itertools
 import json
 import os
 import subprocess
@@ -90,7 +91,7 @@ def _counter(docs) -> collections.Counter:
 
 
 def _make(workdir, **kwargs) -> loader.Loader:
-  args = dict(seq_len=SEQ_LEN, batch_size=4, seed=0, process_index=0, process_count=1)
+  args = dict(seq_len=SEQ_LEN, batch_size=4, seed=0)
   args.update(kwargs)
   return loader.make_loader(workdir, args.pop('split', 'train'), **args)
 
@@ -149,19 +150,18 @@ def test_restored_state_continues_exactly(data):
   # An epoch is about 25 batches here, so k = 40 resumes inside epoch two.
   rows_per_epoch = sum(len(d) + 2 for d in docs) / SEQ_LEN / 2
   assert rows_per_epoch < 40
-  offsets = []
+  epochs = []
   for k in [0, 1, 7, 13, 24, 25, 26, 40]:
     run = _make(workdir, batch_size=2)
     for _ in range(k):
       next(run)
     state = json.loads(json.dumps(run.get_state()))
-    offsets.append(state['iterator']['offset'])
+    epochs.append(state['epoch'])
     resumed = _make(workdir, batch_size=2)
     resumed.set_state(state)
     for i in range(k, k + 12):
       assert _same(next(resumed), expected[i]), (k, i)
-  # Some states were saved in the middle of a long document.
-  assert any(offsets)
+  assert epochs[0] == 0 and epochs[-1] == 1
 
 
 def test_restore_in_eval_mode_near_the_end(data):
@@ -184,13 +184,64 @@ def test_state_from_other_settings_is_refused(data):
     _make(workdir, seed=1).set_state(state)
 
 
-def test_processes_see_disjoint_documents_covering_the_split(data):
-  workdir, docs = data
-  seen = [_documents_from(_make(workdir, num_epochs=1, drop_remainder=False,
-                                process_index=i, process_count=2)) for i in range(2)]
-  assert seen[0] and seen[1]
-  assert not _counter(seen[0]) & _counter(seen[1])
-  assert _counter(seen[0]) + _counter(seen[1]) == _counter(docs)
+def _halves(batch_size: int) -> list[list[int]]:
+  """Rows of two processes that hold alternating pairs of rows (not contiguous)."""
+  return [[r for r in range(batch_size) if (r // 2) % 2 == p] for p in range(2)]
+
+
+def _assembled(parts: list[dict[str, np.ndarray]], rows: list[list[int]]) -> dict:
+  batch_size = sum(len(r) for r in rows)
+  out = {k: np.zeros((batch_size, SEQ_LEN), np.int32) for k in parts[0]}
+  for part, part_rows in zip(parts, rows):
+    for k, v in part.items():
+      out[k][part_rows] = v
+  return out
+
+
+@pytest.mark.parametrize('kwargs', [dict(), dict(num_epochs=1, shuffle=False,
+                                                 drop_remainder=False)])
+def test_global_batch_does_not_depend_on_the_process_count(data, kwargs):
+  workdir, _ = data
+  one = _make(workdir, batch_size=8, **kwargs)
+  rows = _halves(8)
+  two = [_make(workdir, batch_size=8, rows=r, **kwargs) for r in rows]
+  assert two[0].num_batches == one.num_batches
+  for step in range(one.num_batches or 30):
+    expected = next(one)
+    assert _same(_assembled([next(t) for t in two], rows), expected), step
+  if kwargs:
+    with pytest.raises(StopIteration):
+      next(two[0])
+
+
+def test_state_saved_by_two_processes_resumes_in_one_and_back(data):
+  workdir, _ = data
+  reference = _make(workdir, batch_size=8)
+  expected = [next(reference) for _ in range(14)]
+  rows = _halves(8)
+  two = [_make(workdir, batch_size=8, rows=r) for r in rows]
+  for _ in range(5):
+    for t in two:
+      next(t)
+  states = [json.loads(json.dumps(t.get_state())) for t in two]
+  assert states[0] == states[1]  # Any process's file will do.
+  one = _make(workdir, batch_size=8)
+  one.set_state(states[1])
+  for step in range(5, 10):
+    assert _same(next(one), expected[step]), step
+  back = [_make(workdir, batch_size=8, rows=r) for r in rows]
+  for t in back:
+    t.set_state(one.get_state())
+  for step in range(10, 14):
+    assert _same(_assembled([next(t) for t in back], rows), expected[step]), step
+
+
+def test_version_1_state_keeps_the_step(data):
+  workdir, _ = data
+  expected = list(itertools.islice(_make(workdir), 4))
+  run = _make(workdir)
+  run.set_state({'version': 1, 'spec': {'process_index': 0}, 'iterator': {}, 'emitted': 3})
+  assert _same(next(run), expected[3])
 
 
 @pytest.mark.parametrize('kwargs', [
@@ -206,25 +257,16 @@ def test_num_batches_is_exact(data, kwargs):
   assert _make(workdir).num_batches is None  # Repeats forever.
 
 
-def test_processes_yield_the_same_number_of_batches(data):
+def test_eval_mode_with_processes_sees_every_token_once(data):
   workdir, _ = data
   docs = _documents(9, 1)  # The validation split.
-
-  def run_all(drop_remainder):
-    return [list(_make(workdir, split='validation', batch_size=1, num_epochs=1,
-                       drop_remainder=drop_remainder, process_index=i, process_count=3))
-            for i in range(3)]
-
-  padded, dropped = run_all(False), run_all(True)
-  # The shards pack to different numbers of rows...
-  rows = [int(sum(b['segment_ids'].any() for b in bs)) for bs in padded]
-  assert len(set(rows)) > 1
-  # ...but every process yields as many batches as the others: the most rows
-  # padded with empty batches, or the fewest rows.
-  assert [len(bs) for bs in padded] == [max(rows)] * 3
-  assert [len(bs) for bs in dropped] == [min(rows)] * 3
-  seen = sum((_counter(_documents_from(bs)) for bs in padded), collections.Counter())
-  assert seen == _counter(docs)
+  rows = [[0, 2], [1]]
+  runs = [list(_make(workdir, split='validation', batch_size=3, num_epochs=1,
+                     drop_remainder=False, shuffle=False, rows=r)) for r in rows]
+  assert len(runs[0]) == len(runs[1])  # Every process takes part in every step.
+  batches = [{k: np.concatenate([a[k], b[k]])[[0, 2, 1]] for k in a}
+             for a, b in zip(*runs)]
+  assert _documents_from(batches) == docs
 
 
 def test_num_bytes_and_global_batch(data):
@@ -233,27 +275,50 @@ def test_num_bytes_and_global_batch(data):
   assert loader.num_bytes(workdir, 'validation') == 9
   batch = next(_make(workdir, split='validation'))
   sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-  arrays = loader.global_batch(batch, sharding)
+  arrays = loader.global_batch(batch, sharding, 4)
   assert set(arrays) == set(batch)
   for k, v in arrays.items():
     assert isinstance(v, jax.Array) and v.sharding == sharding
     np.testing.assert_array_equal(np.asarray(v), batch[k])
 
 
-def test_global_batch_on_a_mesh_of_8_devices(data):
+def test_process_rows_on_a_mesh_of_8_devices(data):
   workdir, _ = data
   code = textwrap.dedent(f"""
       import jax, numpy as np
       from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
       from data_pipeline import loader
-      mesh = Mesh(np.array(jax.devices()).reshape(4, 2), ('data', 'fsdp'))
-      sharding = NamedSharding(mesh, P(('data', 'fsdp'), None))
-      batch = next(loader.make_loader({workdir!r}, 'train', seq_len={SEQ_LEN}, batch_size=8))
-      arrays = loader.global_batch(batch, sharding)
-      for k, v in arrays.items():
-        assert v.shape == (8, {SEQ_LEN}) and v.sharding == sharding, k
-        assert len(v.addressable_shards) == 8
-        np.testing.assert_array_equal(np.asarray(v), batch[k])
+      devices = jax.devices()
+      def check(mesh_devices, axes, spec, expected_rows):
+        sharding = NamedSharding(Mesh(np.array(mesh_devices), axes), spec)
+        # Two stand-in processes of 4 devices each.
+        procs = [devices[:4], devices[4:]]
+        rows = [loader.process_rows(sharding, 8, {SEQ_LEN}, p).tolist() for p in procs]
+        assert rows == expected_rows, rows
+        full = loader.make_loader({workdir!r}, 'train', seq_len={SEQ_LEN}, batch_size=8)
+        parts = [loader.make_loader({workdir!r}, 'train', seq_len={SEQ_LEN}, batch_size=8,
+                                    rows=r) for r in rows]
+        for _ in range(3):
+          batch = next(full)
+          for part, r in zip(parts, rows):
+            local = next(part)
+            for k in batch:
+              np.testing.assert_array_equal(local[k], batch[k][r])
+        # This process holds all 8 devices: the global arrays are the batch.
+        arrays = loader.global_batch(batch, sharding, 8)
+        for k, v in arrays.items():
+          assert v.shape == (8, {SEQ_LEN}) and v.sharding == sharding, k
+          np.testing.assert_array_equal(np.asarray(v), batch[k])
+      d = devices
+      # Batch over 'data' x 'fsdp': process 0 holds rows 0-3, process 1 rows 4-7.
+      check(np.reshape(d, (4, 2)), ('data', 'fsdp'), P(('data', 'fsdp'), None),
+            [[0, 1, 2, 3], [4, 5, 6, 7]])
+      # Each batch slice spans both processes (tensor axis across them): both hold all rows.
+      check([[d[0], d[1], d[4], d[5]], [d[2], d[3], d[6], d[7]]], ('data', 'tensor'),
+            P('data', None), [list(range(8))] * 2)
+      # Interleaved devices: each process holds every other pair of rows.
+      check([d[0], d[1], d[4], d[5], d[2], d[3], d[6], d[7]], ('data',), P('data', None),
+            [[0, 1, 4, 5], [2, 3, 6, 7]])
       print('ok')
   """)
   env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=8',
@@ -270,5 +335,5 @@ def test_bad_arguments(data, tmp_path):
     _make(str(tmp_path))
   with pytest.raises(ValueError, match="split 'dev' not in"):
     _make(workdir, split='dev')
-  with pytest.raises(ValueError, match='none for process 12 of 50'):
-    _make(workdir, split='validation', process_index=12, process_count=50)
+  with pytest.raises(ValueError, match=r'rows must be a non-empty subset of \[0, 4\)'):
+    _make(workdir, rows=[4])

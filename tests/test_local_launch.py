@@ -1,25 +1,19 @@
 """Multi-process training on one machine: launch.local + train.distributed.
 
-The main test starts the real entry point (`python -m train`) as two JAX
-processes with 4 CPU devices each (one global mesh of 8, collectives over
-gloo) and compares its logged losses with one process that owns all 8 devices
-and is fed the same global batches.
-
-Why the reference builds its batches from two loaders: the loader shards
-documents per process (process p reads documents p, p+2, ... and packs them
-itself), so a one-process run reads a different global batch by construction.
-The reference therefore calls the loader as process 0 and as process 1 of 2
-and concatenates their batches in process order, which is exactly the global
-array `jax.make_array_from_process_local_data` assembles in the two-process
-run. Equal losses then show that the distributed runtime, the global mesh over
-two processes, the batch assembly and the cross-process gradient reduction
-compute the same step as a single process would.
+The main tests run the real entry point (`python -m train`) as one process
+that owns 8 CPU devices and as two JAX processes with 4 devices each (one
+global mesh of 8, collectives over gloo). The loader plans the global batch
+independently of the process count, so both log the same losses; and a run
+checkpointed by two processes resumes in one (and the reverse) with the losses
+of the uninterrupted run. The schedule is constant after warm-up, so a run's
+`num_train_steps` does not change its first steps.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -32,17 +26,22 @@ from launch import local
 from train import distributed
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-NUM_STEPS = 4
+NUM_STEPS = 10
 CONFIG = ('configs/pretrain.py:tiny,model.vocab_size=256,model.d_model=64,model.num_layers=2,'
           'model.num_heads=4,model.num_kv_heads=2,model.head_dim=16,model.mlp_dim=128,'
           f'seq_len=32,model.max_len=32,batch_size=16,num_train_steps={NUM_STEPS},log_every=1,'
-          'eval_every=0,checkpoint_every=100,optimizer.warmup_steps=1,data.preset=files')
+          'eval_every=5,checkpoint_every=5,optimizer.warmup_steps=1,'
+          'optimizer.end_lr_factor=1.0,data.preset=files')
 
 
-def _env(**extra: str) -> dict[str, str]:
+def _env(cache: str | None = None, **extra: str) -> dict[str, str]:
   env = {k: v for k, v in os.environ.items()
          if not k.startswith(('JAX_', 'XLA_FLAGS'))}
   env.update(JAX_PLATFORMS='cpu', PYTHONPATH=REPO, **extra)
+  if cache:
+    # Shared by the runs: a later run of the same topology skips compiling.
+    env.update(JAX_COMPILATION_CACHE_DIR=cache, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0',
+               JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES='-1')
   return env
 
 
@@ -57,84 +56,71 @@ def _write_data(data_dir: str) -> None:
     f.write('test data\n')
 
 
-def _reference_losses(data_dir: str) -> dict[int, float]:
-  """Runs in a subprocess with 8 devices: one process, the two-process global batches."""
-  import jax  # pylint: disable=g-import-not-at-top
-  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top,unused-import
-
-  from configs import pretrain  # pylint: disable=g-import-not-at-top
-  from data_pipeline import loader as loader_lib  # pylint: disable=g-import-not-at-top
-  from model import config as model_config_lib  # pylint: disable=g-import-not-at-top
-  from model import transformer  # pylint: disable=g-import-not-at-top
-  from train import mesh as mesh_lib  # pylint: disable=g-import-not-at-top
-  from train import state as state_lib  # pylint: disable=g-import-not-at-top
-  from train import steps as steps_lib  # pylint: disable=g-import-not-at-top
-
-  assert jax.process_count() == 1 and jax.device_count() == 8
-  config = pretrain.get_config(CONFIG.split(':', 1)[1])
-  with config.unlocked():
-    config.data.workdir = data_dir
-  mesh = mesh_lib.make_mesh(config.mesh)
-  rules = mesh_lib.logical_rules(config.mesh)
-  model = transformer.Transformer(model_config_lib.ModelConfig.from_config(config.model))
-  _, shardings = state_lib.abstract_state(config, model, mesh)
-  batch_sharding = mesh_lib.batch_sharding(mesh, rules)
-  step = steps_lib.make_train_step(config, model, mesh, shardings, batch_sharding)
-  state, _ = state_lib.create_sharded_state(config, model, mesh, jax.random.key(config.seed))
-  loaders = [loader_lib.make_loader(data_dir, 'train', seq_len=config.seq_len,
-                                    batch_size=config.batch_size // 2, seed=config.seed,
-                                    num_epochs=config.num_epochs, shuffle=True,
-                                    process_index=p, process_count=2) for p in range(2)]
-  losses = {}
-  for i in range(NUM_STEPS):
-    parts = [next(loader) for loader in loaders]
-    batch = {k: jax.device_put(np.concatenate([p[k] for p in parts]), batch_sharding)
-             for k in parts[0]}
-    state, metrics = step(state, batch)
-    losses[i + 1] = float(metrics['train/loss'])
-  return losses
+def _train(run_dir: str, data_dir: str, cache: str, num_processes: int) -> str:
+  """`python -m train` on 8 CPU devices: 1 process, or 2 through launch.local."""
+  train = [sys.executable, '-m', 'train', f'--config={CONFIG}',
+           f'--config.data.workdir={data_dir}', f'--workdir={run_dir}']
+  if num_processes == 1:
+    command, env = train, _env(cache, XLA_FLAGS='--xla_force_host_platform_device_count=8')
+  else:
+    command = [sys.executable, '-m', 'launch.local', f'--num_processes={num_processes}',
+               f'--devices_per_process={8 // num_processes}', '--', *train]
+    env = _env(cache)
+  done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+  output = done.stdout + done.stderr
+  assert done.returncode == 0, output[-6000:]
+  return output
 
 
-def _logged_losses(workdir: str) -> dict[int, float]:
+def _logged(workdir: str, key: str) -> dict[int, float]:
   losses = {}
   with open(os.path.join(workdir, 'metrics.jsonl')) as f:
     for line in f:
       record = json.loads(line)
-      if 'train/loss' in record:
-        losses[int(record['step'])] = float(record['train/loss'])
+      if key in record:
+        losses[int(record['step'])] = float(record[key])
   return losses
 
 
-def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path):
-  data_dir, run_dir = str(tmp_path / 'data'), str(tmp_path / 'run')
-  _write_data(data_dir)
-  start = time.time()
-  launched = subprocess.run(
-      [sys.executable, '-m', 'launch.local', '--num_processes=2', '--devices_per_process=4',
-       '--', sys.executable, '-m', 'train', f'--config={CONFIG}',
-       f'--config.data.workdir={data_dir}', f'--workdir={run_dir}'],
-      cwd=REPO, env=_env(), capture_output=True, text=True, timeout=400)
-  output = launched.stdout + launched.stderr
-  assert launched.returncode == 0, output[-6000:]
-  lines = output.splitlines()
-  assert any(line.startswith('[p0] ') for line in lines)
-  assert any(line.startswith('[p1] ') for line in lines)
-  two_process = _logged_losses(run_dir)
-  assert sorted(two_process) == list(range(1, NUM_STEPS + 1)), two_process
+def _assert_same(got: dict[int, float], expected: dict[int, float], steps) -> None:
+  for step in steps:
+    assert got[step] == pytest.approx(expected[step], rel=1e-5), (step, got, expected)
 
-  reference = subprocess.run(
-      [sys.executable, os.path.abspath(__file__), data_dir], cwd=REPO,
-      env=_env(XLA_FLAGS='--xla_force_host_platform_device_count=8'),
-      capture_output=True, text=True, timeout=300)
-  assert reference.returncode == 0, reference.stderr[-5000:]
-  [result] = [l for l in reference.stdout.splitlines() if l.startswith('RESULT ')]
-  one_process = {int(k): v for k, v in json.loads(result[len('RESULT '):]).items()}
-  for step in range(1, NUM_STEPS + 1):
-    assert one_process[step] == pytest.approx(two_process[step], rel=2e-5), (
-        step, one_process, two_process)
+
+@pytest.fixture(scope='module')
+def runs(tmp_path_factory):
+  """Uninterrupted runs: {'data', 'cache', 1: one process's workdir, 2: two processes'}."""
+  root = tmp_path_factory.mktemp('launch')
+  out = {'data': str(root / 'data'), 'cache': str(root / 'cache')}
+  _write_data(out['data'])
+  for n in (1, 2):
+    out[n] = str(root / f'run{n}')
+    output = _train(out[n], out['data'], out['cache'], n)
+    if n == 2:
+      lines = output.splitlines()
+      assert any(l.startswith('[p0] ') for l in lines) and any(l.startswith('[p1] ') for l in lines)
+  return out
+
+
+def test_two_processes_log_the_losses_of_one(runs):
+  one, two = _logged(runs[1], 'train/loss'), _logged(runs[2], 'train/loss')
+  assert sorted(two) == sorted(one) == list(range(1, NUM_STEPS + 1)), (one, two)
+  _assert_same(two, one, range(1, NUM_STEPS + 1))
+  _assert_same(_logged(runs[2], 'eval/loss'), _logged(runs[1], 'eval/loss'), (5, 10))
   # The loss moved, so the steps really trained (not a constant compared with itself).
-  assert abs(one_process[1] - one_process[NUM_STEPS]) > 1e-3
-  del start
+  assert abs(one[1] - one[NUM_STEPS]) > 1e-3
+
+
+@pytest.mark.parametrize('saved_by, resumed_by', [(2, 1), (1, 2)])
+def test_resume_on_another_process_count_continues_the_run(runs, tmp_path, saved_by, resumed_by):
+  # The uninterrupted run's workdir as it was at step 5 (its checkpoint there).
+  run_dir = str(tmp_path / 'run')
+  shutil.copytree(runs[saved_by], run_dir)
+  shutil.rmtree(os.path.join(run_dir, 'checkpoints', str(NUM_STEPS)))
+  output = _train(run_dir, runs['data'], runs['cache'], resumed_by)
+  assert 'Resumed from checkpoint step 5' in output
+  _assert_same(_logged(run_dir, 'train/loss'), _logged(runs[1], 'train/loss'),
+               range(6, NUM_STEPS + 1))
 
 
 def test_launcher_stops_the_others_when_one_fails():
@@ -269,7 +255,3 @@ def test_distributed_plan_rejects_partial_or_bad_settings():
     distributed.plan('h:1', 2, 2, environ={}, tpu_vm=False)
   with pytest.raises(ValueError, match='host:port'):
     distributed.plan('h', 2, 0, environ={}, tpu_vm=False)
-
-
-if __name__ == '__main__':
-  print('RESULT ' + json.dumps(_reference_losses(sys.argv[1])), flush=True)

@@ -1,7 +1,10 @@
-"""Shards: the TFDS array_record dataset round-trips per split, without TensorFlow."""
+"""Shards: the array_record dataset round-trips per split (no TensorFlow), lengths and counts too."""
 
 from __future__ import annotations
 
+import collections
+import json
+import logging
 import os
 import sys
 
@@ -83,3 +86,36 @@ def test_bad_records_name_the_record(tmp_path):
     shards.write_dataset(str(tmp_path), {'train': ['oops']})
   with pytest.raises(FileNotFoundError, match='no strata_corpus dataset'):
     shards.data_source(str(tmp_path / 'nowhere'), 'train')
+
+
+def test_lengths_and_token_counts_match_the_records(tmp_path):
+  splits = {'train': _records(30, 6, 'tr'), 'test': _records(4, 7, 'te'), 'validation': []}
+  shards.write_dataset(str(tmp_path), splits, max_shard_bytes=3000)
+  for split, records in splits.items():
+    source = shards.data_source(str(tmp_path), split)
+    lengths = shards.document_lengths(str(tmp_path), split)
+    assert lengths.tolist() == [len(source[i]['tokens']) for i in range(len(source))]
+    assert lengths.tolist() == [len(t) for _, t, _ in records]
+    counts = shards.token_counts(str(tmp_path), split)
+    expected = collections.Counter(t for _, tokens, _ in records for t in tokens)
+    assert {i: int(c) for i, c in enumerate(counts) if c} == dict(expected)
+
+
+def test_dataset_without_lengths_is_counted_once(tmp_path, caplog):
+  records = _records(6, 8, 'old')
+  shards.write_dataset(str(tmp_path), {'train': records})
+  # As written before the lengths existed: no files, no mention in the metadata.
+  directory = shards.dataset_dir(str(tmp_path))
+  for name in os.listdir(directory):
+    if name.endswith('.npy'):
+      os.remove(os.path.join(directory, name))
+  with open(os.path.join(directory, 'metadata.json')) as f:
+    metadata = json.load(f)
+  del metadata['split_files']
+  with open(os.path.join(directory, 'metadata.json'), 'w') as f:
+    json.dump(metadata, f)
+  with caplog.at_level(logging.WARNING):
+    assert shards.document_lengths(str(tmp_path), 'train').tolist() == [
+        len(t) for _, t, _ in records]
+    assert shards.token_counts(str(tmp_path), 'train').sum() == sum(len(t) for _, t, _ in records)
+  assert sum('has no per-document lengths' in r.message for r in caplog.records) == 1

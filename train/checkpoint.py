@@ -4,8 +4,9 @@ One step directory holds three items:
   `state`:  the train state (params, opt_state, step, rng), saved with
             `StandardSave` and restored onto the shardings of an abstract
             target, so a checkpoint written on one mesh restores on another;
-  `loader`: each process's data-iterator state (JSON, one file per process),
-            so a resumed run sees exactly the batches an uninterrupted one would;
+  `loader`: the data-iterator state (JSON, one file per process, all equal:
+            it does not depend on the process count), so a run resumed on any
+            number of processes sees exactly the batches an uninterrupted one would;
   `meta`:   JSON with the step and the metrics logged with it.
 
 Saves are asynchronous (the device keeps training while the host writes); call
@@ -74,10 +75,12 @@ def _loader_file(process_index: int, process_count: int) -> str:
 
 
 class LoaderStateHandler(ocp.CheckpointHandler):
-  """Each process's loader state in its own JSON file.
+  """The loader state as JSON, one file per process.
 
-  Every process reads its own shard of the data, so each has its own
-  iterator position; Orbax's JsonSave would keep only the primary's.
+  The state is the same on every process (the loader plans global batches),
+  so a checkpoint written by N processes restores on M: a process reads its
+  own file, else any other. Each still writes its own, so no process waits
+  for another's write.
   """
 
   def save(self, directory, args: LoaderSave) -> None:
@@ -85,19 +88,16 @@ class LoaderStateHandler(ocp.CheckpointHandler):
     path = epath.Path(directory) / _loader_file(jax.process_index(), jax.process_count())
     path.write_text(json.dumps(args.state))
 
-  def restore(self, directory, args: LoaderRestore | None = None) -> dict[str, Any] | None:
-    """This process's state; None if the checkpoint was written by another process count."""
+  def restore(self, directory, args: LoaderRestore | None = None) -> dict[str, Any]:
+    """This process's state, or that of any process of another process count."""
     del args
     directory = epath.Path(directory)
     path = directory / _loader_file(jax.process_index(), jax.process_count())
     if not path.exists():
-      others = sorted(p.name for p in directory.iterdir() if p.name.startswith('process_'))
+      others = sorted(p for p in directory.iterdir() if p.name.startswith('process_'))
       if not others:
         raise FileNotFoundError(f'missing file {LOADER}/{path.name}')
-      print(f'WARNING: {directory} holds the loader state of other processes ({others}); '
-            f'this is process {jax.process_index()} of {jax.process_count()}, so the data '
-            'iterator starts from the beginning.', file=sys.stderr, flush=True)
-      return None
+      path = others[0]
     return json.loads(path.read_text())
 
   def metadata(self, directory) -> None:
@@ -390,8 +390,8 @@ class Checkpointer:
 
     `abstract_state` is the train state as a pytree of `jax.ShapeDtypeStruct`
     with `sharding` set (e.g. from `jax.eval_shape` plus the state shardings).
-    Returns (state, loader_state); loader_state is this process's, or None if
-    the step was written by a different number of processes. Raises
+    Returns (state, loader_state); the loader state is the same on every
+    process (the data order does not depend on the process count). Raises
     CorruptCheckpointError (damaged files), CheckpointMismatchError (another
     state tree) or CheckpointError (anything else); see the module docstring.
     """

@@ -64,9 +64,6 @@ def evaluate_split(config: Any, model: Any, params: Any, mesh: jax.sharding.Mesh
   """
   seq_len = int(seq_len or config.seq_len)
   batch_size = int(batch_size or config.batch_size)
-  if batch_size % jax.process_count():
-    raise ValueError(f'batch_size {batch_size} must be a multiple of the {jax.process_count()} '
-                     'processes.')
   rules = mesh_lib.logical_rules(config.mesh)
   batch_sharding = mesh_lib.batch_sharding(mesh, rules)
   param_shardings = state_lib.param_shardings(config, model, mesh)
@@ -76,8 +73,8 @@ def evaluate_split(config: Any, model: Any, params: Any, mesh: jax.sharding.Mesh
   stats = shards.split_stats(data_dir, split)
   total_bytes = loader_lib.num_bytes(data_dir, split)
   loader = loader_lib.make_loader(
-      data_dir, split, seq_len=seq_len, batch_size=batch_size // jax.process_count(),
-      num_epochs=1, shuffle=False, drop_remainder=False)
+      data_dir, split, seq_len=seq_len, batch_size=batch_size, num_epochs=1, shuffle=False,
+      drop_remainder=False, sharding=batch_sharding)
 
   # With finite epochs every process yields the same number of batches (the
   # loader pads), so the collective eval step runs equally often everywhere.
@@ -97,7 +94,7 @@ def evaluate_split(config: Any, model: Any, params: Any, mesh: jax.sharding.Mesh
 
   def batches():
     for local in loader:
-      yield loader_lib.global_batch(local, batch_sharding)
+      yield loader_lib.global_batch(local, batch_sharding, batch_size)
 
   start = time.perf_counter()
   with bar:
@@ -129,12 +126,14 @@ def evaluate_split(config: Any, model: Any, params: Any, mesh: jax.sharding.Mesh
 
 
 def _target_counts(data_dir: str, split: str, vocab_size: int) -> np.ndarray:
-  """How often each id is a prediction target in `split`: every token plus one EOS per document."""
+  """How often each id is a prediction target in `split`: every token plus one EOS per document.
+
+  From the counts stored with the shards, so no record is read.
+  """
+  stored = shards.token_counts(data_dir, split)[:vocab_size]
   counts = np.zeros(vocab_size, np.int64)
-  source = shards.data_source(data_dir, split)
-  for i in range(len(source)):
-    counts += np.bincount(source[i]['tokens'], minlength=vocab_size)[:vocab_size]
-  counts[tokenizer_lib.EOS_ID] += len(source)
+  counts[:len(stored)] = stored
+  counts[tokenizer_lib.EOS_ID] += shards.split_stats(data_dir, split)['documents']
   return counts
 
 

@@ -130,12 +130,11 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> loop.LoopResult:
   abstract_state, state_shardings = state_lib.abstract_state(config, model, mesh)
   batch_sharding = mesh_lib.batch_sharding(mesh, rules)
   _check_batch(config, mesh, batch_sharding)
-  local_batch_size = config.batch_size // jax.process_count()
   data_dir = config.data.workdir
   train_loader = loader_lib.make_loader(
-      data_dir, 'train', seq_len=config.seq_len, batch_size=local_batch_size, seed=config.seed,
-      num_epochs=config.num_epochs, shuffle=True)
-  to_global = lambda batch: loader_lib.global_batch(batch, batch_sharding)
+      data_dir, 'train', seq_len=config.seq_len, batch_size=config.batch_size, seed=config.seed,
+      num_epochs=config.num_epochs, shuffle=True, sharding=batch_sharding)
+  to_global = lambda batch: loader_lib.global_batch(batch, batch_sharding, config.batch_size)
   loop_cfg = loop.LoopConfig.from_config(config)
   # Batches in num_epochs passes over the data; None when num_epochs is None.
   data_steps = getattr(train_loader, 'num_batches', None)
@@ -154,8 +153,9 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> loop.LoopResult:
     evaluate = loop.make_evaluator(
         eval_step,
         lambda: loader_lib.make_loader(
-            data_dir, 'validation', seq_len=config.seq_len, batch_size=local_batch_size,
-            seed=config.seed, num_epochs=1, shuffle=False, drop_remainder=False),
+            data_dir, 'validation', seq_len=config.seq_len, batch_size=config.batch_size,
+            seed=config.seed, num_epochs=1, shuffle=False, drop_remainder=False,
+            sharding=batch_sharding),
         to_global, eval_steps)
 
   peak, startup = _peak_flops(mesh)
