@@ -266,3 +266,29 @@ def test_a_truncated_latest_step_falls_back_and_keeps_the_metrics(run, data, cac
     discarded = [json.loads(line) for line in f]
   assert [r for r in discarded] == [r for r in before if r['step'] > 3]
   assert os.listdir(os.path.join(run, 'checkpoints.corrupt'))
+
+
+@pytest.mark.parametrize('args, needles', [
+    (['--config=configs/nope.py:tiny'], ['cannot load config file configs/nope.py',
+                                         'No such file']),
+    (['--config=configs/pretrain.py:tiny,seq_len=abc'], ["'seq_len'", "'abc'"]),
+    (['--config=configs/pretrain.py:huge'], ["Unknown preset 'huge'", 'tiny']),
+    (['--config=configs/pretrain.py:tiny,model.num_layer=2'], ['num_layer', 'num_layers']),
+])
+def test_config_file_errors_are_one_line(tmp_path, cache, args, needles):
+  result = subprocess.run(
+      [sys.executable, '-m', 'train', *args, f'--workdir={tmp_path / "run"}'], env=_env(cache),
+      cwd=REPO, capture_output=True, text=True, timeout=120)
+  _assert_refused(result, *needles)
+  assert not os.path.exists(tmp_path / 'run')
+
+
+def test_a_run_whose_tokenizer_does_not_fit_its_model_is_refused_by_load_run(run):
+  from configs.cli import UserError  # pylint: disable=g-import-not-at-top
+  from train import run_dir  # pylint: disable=g-import-not-at-top
+  other = tokenizer_lib.train_tokenizer(
+      ['def parse(line):\n  return line.split()\n' * 40, 'the quick brown fox\n' * 40],
+      os.path.join(run, 'other'), 300)
+  shutil.copy(other, os.path.join(run, 'tokenizer.model'))
+  with pytest.raises(UserError, match='300 pieces.*vocab_size 400'):
+    run_dir.load_run(run)
