@@ -123,6 +123,25 @@ def test_resume_on_another_process_count_continues_the_run(runs, tmp_path, saved
                range(6, NUM_STEPS + 1))
 
 
+def test_two_processes_fall_back_together_from_a_truncated_step(runs, tmp_path):
+  """Every process sees the damage; they agree, move the step aside once, and go on."""
+  run_dir = str(tmp_path / 'run')
+  shutil.copytree(runs[2], run_dir)
+  step_dir = os.path.join(run_dir, 'checkpoints', str(NUM_STEPS))
+  for root, _, names in os.walk(os.path.join(step_dir, 'state')):
+    for name in names:
+      path = os.path.join(root, name)
+      if f'{os.sep}d{os.sep}' in path:
+        with open(path, 'r+b') as f:
+          f.truncate(os.path.getsize(path) // 2)
+  output = _train(run_dir, runs['data'], runs['cache'], 2)
+  assert 'Falling back to the previous checkpoint' in output
+  assert 'Resumed from checkpoint step 5' in output
+  assert len(os.listdir(os.path.join(run_dir, 'checkpoints.corrupt'))) == 1
+  _assert_same(_logged(run_dir, 'train/loss'), _logged(runs[1], 'train/loss'),
+               range(6, NUM_STEPS + 1))
+
+
 def test_launcher_stops_the_others_when_one_fails():
   code = ('import os, sys, time\n'
           'pid = int(os.environ["JAX_PROCESS_ID"])\n'
