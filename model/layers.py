@@ -131,3 +131,23 @@ class Mlp(nn.Module):
     h_BLF = checkpoint_name(h_BLF, 'mlp_hidden')
     out_BLD = matmul(h_BLF, jnp.asarray(down_FD, dtype))
     return nn.with_logical_constraint(out_BLD, BLD)
+
+
+class ScalarHead(nn.Module):
+  """One float32 score per position, `x @ w + b` (reward and value models).
+
+  Small init (std 1/d, like the LM readout), so a head put on a pre-trained
+  trunk starts near zero and the first updates do not wreck the trunk.
+  """
+  config: ModelConfig
+
+  @nn.compact
+  def __call__(self, x_BLD: jax.Array) -> jax.Array:
+    cfg = self.config
+    w_D = self.param('kernel', nn.with_logical_partitioning(
+        normal_init(1.0 / cfg.d_model), ('embed',)), (cfg.d_model,), jnp.dtype(cfg.param_dtype))
+    b = self.param('bias', nn.with_logical_partitioning(nn.initializers.zeros, ()), (),
+                   jnp.dtype(cfg.param_dtype))
+    score_BL = jnp.einsum('BLD,D->BL', x_BLD.astype(jnp.float32), jnp.asarray(w_D, jnp.float32))
+    return nn.with_logical_constraint(score_BL + jnp.asarray(b, jnp.float32),
+                                      ('activation_batch', 'activation_length'))

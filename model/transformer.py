@@ -4,6 +4,8 @@ Training / scoring:
   logits_BLV = Transformer(cfg).apply({'params': params}, tokens_BL,
       segment_ids=seg_BL, positions=pos_BL, deterministic=True,
       rngs={'dropout': key})
+  hidden_BLD = Transformer(cfg).apply(..., head='hidden')   # the trunk alone
+  scores_BL = Transformer(cfg).apply(..., head='scalar')    # reward / value head
 Decoding with the KV cache (see `model.attention.Attention` for the slot and
 padding rules):
   cache = init_cache(cfg, batch_size, max_len)
@@ -28,7 +30,12 @@ import jax.numpy as jnp
 
 from model.attention import Attention
 from model.config import REMAT_POLICIES, ModelConfig
-from model.layers import BLD, Embed, Mlp, RMSNorm, matmul
+from model.layers import BLD, Embed, Mlp, RMSNorm, ScalarHead, matmul
+
+# What `Transformer(...)(tokens, head=...)` returns: 'lm' float32 logits
+# [B, L, V]; 'hidden' the final-normed hidden states [B, L, D]; 'scalar' one
+# float32 score per position [B, L] from `score_head` (reward and value models).
+HEADS = ('lm', 'hidden', 'scalar')
 
 
 def remat_policy(name: str) -> Callable[..., bool] | None:
@@ -82,7 +89,14 @@ class Transformer(nn.Module):
   @nn.compact
   def __call__(self, tokens_BL: jax.Array, segment_ids: jax.Array | None = None,
                positions: jax.Array | None = None, deterministic: bool = True,
-               decode: bool = False) -> jax.Array:
+               decode: bool = False, head: str = 'lm') -> jax.Array:
+    """The trunk, then one head (the `HEADS`): logits, hidden states or a scalar.
+
+    The heads share the trunk's parameter names, so a checkpoint of any stage
+    (an LM, a reward model) initialises the trunk of the next.
+    """
+    if head not in HEADS:
+      raise ValueError(f'head={head!r} is not one of {HEADS}.')
     cfg = self.config
     batch, length = tokens_BL.shape
     if segment_ids is None:
@@ -113,6 +127,10 @@ class Transformer(nn.Module):
             x_BLD, segment_ids, positions)
 
     x_BLD = RMSNorm(cfg, name='final_norm')(x_BLD)
+    if head == 'hidden':
+      return x_BLD
+    if head == 'scalar':
+      return ScalarHead(cfg, name='score_head')(x_BLD)
     if cfg.tie_embeddings:
       logits_BLV = embed.attend(x_BLD)
     else:
