@@ -66,6 +66,7 @@ class ChatFormatError(UserError):
   def __init__(self, reason: str, message: str):
     super().__init__(f'{reason}: {message}')
     self.reason = reason
+    self.detail = message
 
 
 class ChatTokenizer(Protocol):
