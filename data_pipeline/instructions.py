@@ -14,7 +14,7 @@ control-token text, ...) is skipped: its reason is counted and its
 `path:line` listed in the report, so nothing is dropped silently.
 
 Every kept example then goes through the same steps, whatever its source
-(`finish`): the cleaning of pre-training text that applies to a conversation
+(`build_records`): the cleaning of pre-training text that applies to a conversation
 (unicode normalisation and PII scrubbing of every content; the per-document
 quality filters do not apply, a two-word answer is fine here), exact
 deduplication, the split by a keyed hash of its document id
@@ -101,7 +101,13 @@ def record_messages(record: Any) -> list[chat.Message]:
 
 @dataclasses.dataclass
 class Report:
-  """Counts of one instruction build; `to_dict` is the content of sft_report.json."""
+  """Counts of one instruction build; `to_dict` is the content of sft_report.json.
+
+  `candidates` are what could have become an example (a non-blank JSONL line,
+  a file that is not .jsonl, a stdlib function definition); each is either
+  kept or skipped with one reason, so kept + sum(skipped) == candidates.
+  `skipped_examples` names the first MAX_LISTED skips as `where: reason: detail`.
+  """
   source: str
   seq_len: int
   validation: float
@@ -178,7 +184,7 @@ def _whole_conversation(messages: list[chat.Message]) -> str:
   return '\n'.join(f'{m["role"]}\x00{m["content"]}' for m in messages)
 
 
-def finish(candidates: Iterable[Candidate], tokenizer: chat.ChatTokenizer, seq_len: int,
+def build_records(candidates: Iterable[Candidate], tokenizer: chat.ChatTokenizer, seq_len: int,
            report: Report, *, normalization: str = 'NFC', scrub_pii: bool = True,
            dedup_text: Callable[[list[chat.Message]], str] = _whole_conversation,
            ) -> dict[str, list[Record]]:
@@ -282,7 +288,7 @@ def read_instruction_files(paths: str | Sequence[str], tokenizer: chat.ChatToken
     candidates = list(_file_candidates(paths, report))
   except (FileNotFoundError, ValueError) as e:
     raise UserError(str(e)) from None
-  records = finish(candidates, tokenizer, seq_len, report,
+  records = build_records(candidates, tokenizer, seq_len, report,
                    normalization=normalization, scrub_pii=scrub_pii)
   result = report.to_dict()
   if not result['kept']:
