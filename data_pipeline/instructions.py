@@ -33,6 +33,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import json
+import logging
 import os
 import time
 import unicodedata
@@ -48,7 +49,7 @@ from data_pipeline import sources
 from data_pipeline import split as split_lib
 
 REPORT = 'sft_report.json'
-MAX_LISTED = 50  # Skipped records named one by one in the report; all are counted.
+MAX_LISTED = 20  # Skipped records named per reason in the report; all are counted.
 
 Record = dict[str, Any]
 
@@ -106,7 +107,8 @@ class Report:
   `candidates` are what could have become an example (a non-blank JSONL line,
   a file that is not .jsonl, a stdlib function definition); each is either
   kept or skipped with one reason, so kept + sum(skipped) == candidates.
-  `skipped_examples` names the first MAX_LISTED skips as `where: reason: detail`.
+  `skipped_examples` names the first MAX_LISTED skips of each reason as
+  `where: detail`; with `log_skips` every skip is also a logged warning.
   """
   source: str
   seq_len: int
@@ -114,7 +116,9 @@ class Report:
   test: float
   candidates: int = 0
   skipped: collections.Counter = dataclasses.field(default_factory=collections.Counter)
-  skipped_examples: list[str] = dataclasses.field(default_factory=list)
+  skipped_examples: dict[str, list[str]] = dataclasses.field(
+      default_factory=lambda: collections.defaultdict(list))
+  log_skips: bool = False
   pii_replacements: collections.Counter = dataclasses.field(default_factory=collections.Counter)
   examples_changed_by_cleaning: int = 0
   splits: dict[str, dict[str, int]] = dataclasses.field(default_factory=dict)
@@ -123,8 +127,11 @@ class Report:
 
   def skip(self, reason: str, where: str, message: str = '') -> None:
     self.skipped[reason] += 1
-    if len(self.skipped_examples) < MAX_LISTED:
-      self.skipped_examples.append(f'{where}: {reason}' + (f': {message}' if message else ''))
+    listed = self.skipped_examples[reason]
+    if len(listed) < MAX_LISTED:
+      listed.append(f'{where}: {message}' if message else where)
+    if self.log_skips:
+      logging.warning('Skipping %s: %s%s', where, reason, f' ({message})' if message else '')
 
   def to_dict(self) -> dict[str, Any]:
     kept = sum(s['examples'] for s in self.splits.values())
@@ -136,7 +143,7 @@ class Report:
         'kept': kept,
         'skipped': dict(sorted(self.skipped.items())),
         'skipped_total': sum(self.skipped.values()),
-        'skipped_examples': self.skipped_examples,
+        'skipped_examples': dict(sorted(self.skipped_examples.items())),
         'pii_replacements': dict(sorted(self.pii_replacements.items())),
         'examples_changed_by_cleaning': self.examples_changed_by_cleaning,
         'splits': self.splits,
@@ -283,7 +290,7 @@ def read_instruction_files(paths: str | Sequence[str], tokenizer: chat.ChatToken
 
   Raises UserError if no record at all can be used (the message has the counts).
   """
-  report = Report('files', seq_len, validation, test)
+  report = Report('files', seq_len, validation, test, log_skips=True)
   try:
     candidates = list(_file_candidates(paths, report))
   except (FileNotFoundError, ValueError) as e:
@@ -292,6 +299,7 @@ def read_instruction_files(paths: str | Sequence[str], tokenizer: chat.ChatToken
                    normalization=normalization, scrub_pii=scrub_pii)
   result = report.to_dict()
   if not result['kept']:
+    first = next(iter(result['skipped_examples'].items()), ('', []))
     raise UserError(f'No usable instruction record in {paths!r}: {result["candidates"]} '
-                    f'read, skipped {result["skipped"]}; first: {result["skipped_examples"][:1]}')
+                    f'read, skipped {result["skipped"]}; e.g. {first[0]} at {first[1][:1]}')
   return records, result

@@ -5,6 +5,7 @@ from __future__ import annotations
 import inspect
 import json
 import os
+import re
 import shutil
 import textwrap
 
@@ -111,7 +112,8 @@ def test_malformed_records_are_counted_with_reason_and_line(tokenizer, tmp_path)
       'must_end_with_assistant': 1}
   assert report['candidates'] == 15 and report['kept'] == 1
   assert report['candidates'] == report['kept'] + report['skipped_total']
-  where = {e.split(': ', 1)[0]: e for e in report['skipped_examples']}
+  where = {e.split(': ', 1)[0]: (reason, e) for reason, listed in report['skipped_examples'].items()
+           for e in listed}
   expected_lines = {2: 'bad_json', 3: 'unknown_role', 4: 'empty_assistant_turn', 5: 'wrong_type',
                     6: 'wrong_type', 7: 'missing_field', 8: 'missing_field',
                     9: 'control_token_in_content', 10: 'unknown_format', 11: 'wrong_type',
@@ -119,7 +121,8 @@ def test_malformed_records_are_counted_with_reason_and_line(tokenizer, tmp_path)
                     16: 'must_end_with_assistant'}
   assert sorted(where) == sorted(f'{path}:{k}' for k in expected_lines)
   for line, reason in expected_lines.items():
-    assert where[f'{path}:{line}'].startswith(f'{path}:{line}: {reason}: ')
+    assert where[f'{path}:{line}'][0] == reason
+    assert where[f'{path}:{line}'][1].startswith(f'{path}:{line}: ')  # and a detail
 
 
 def test_cleaning_dedup_and_length(tokenizer, tmp_path):
@@ -134,7 +137,9 @@ def test_cleaning_dedup_and_length(tokenizer, tmp_path):
   assert records['train'][0]['messages'][1]['content'] == 'Write to <EMAIL> today.'
   assert report['pii_replacements'] == {'EMAIL': 3}
   assert report['skipped'] == {'duplicate': 2, 'too_long': 1}
-  assert any(e.startswith(f'{path}:3: too_long') for e in report['skipped_examples'])
+  [listed] = report['skipped_examples']['too_long']
+  # Digits are split, so the 1,090 digits alone are over a thousand tokens.
+  assert re.fullmatch(re.escape(f'{path}:3: ') + r'1\d{3} tokens > seq_len=128', listed), listed
 
 
 def test_split_by_document_id_and_duplicates_keep_the_train_copy(tokenizer, tmp_path):
