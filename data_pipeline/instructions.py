@@ -23,7 +23,11 @@ template and a length filter (the rendered conversation, BOS included, must
 fit `seq_len`, so no example is ever cut).
 
 Records: {'id', 'split', 'messages', 'tokens' (int32), 'loss_mask' (uint8)}
-plus source fields. The report (`write_report` -> sft_report.json) counts
+plus source fields. `tokens` already start with BOS and end at the last
+`<|end|>\n`: whatever packs them must not add a BOS of its own (the
+pre-training loader wraps each document in BOS ... EOS; for these records
+that would be the double BOS the template exists to prevent), and any token
+it appends gets loss mask 0. The report (`write_report` -> sft_report.json) counts
 candidates, skipped by reason (they add up: candidates = kept + skipped),
 PII replacements and examples / tokens / loss tokens per split.
 """

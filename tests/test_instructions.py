@@ -130,11 +130,14 @@ def test_cleaning_dedup_and_length(tokenizer, tmp_path):
   long = json.dumps({'prompt': 'Count.', 'completion': ' '.join(str(i) for i in range(400))})
   # The same conversation re-wrapped counts as a duplicate too.
   rewrapped = json.dumps({'prompt': 'Who  to\nask?', 'completion': 'Write to ada@example.com today.'})
-  path = _write_lines(tmp_path / 'c.jsonl', [same, same, long, rewrapped])
+  decomposed = json.dumps({'prompt': 'Cafe\u0301?', 'completion': 'Yes.'})
+  path = _write_lines(tmp_path / 'c.jsonl', [same, same, long, rewrapped, decomposed])
   records, report = instructions.read_instruction_files(path, tokenizer, 128,
                                                         validation=0.0, test=0.0)
-  assert [r['where'] for r in records['train']] == [f'{path}:1']
+  assert [r['where'] for r in records['train']] == [f'{path}:1', f'{path}:5']
   assert records['train'][0]['messages'][1]['content'] == 'Write to <EMAIL> today.'
+  assert records['train'][1]['messages'][0]['content'] == 'Caf\u00e9?'  # NFC
+  assert report['examples_changed_by_cleaning'] == 4
   assert report['pii_replacements'] == {'EMAIL': 3}
   assert report['skipped'] == {'duplicate': 2, 'too_long': 1}
   [listed] = report['skipped_examples']['too_long']
