@@ -110,14 +110,16 @@ def validate(messages: Any, *, for_generation: bool = False) -> list[Message]:
   out = []
   for k, message in enumerate(messages):
     if not isinstance(message, dict):
-      raise ChatFormatError('wrong_type', f'message {k} is a {type(message).__name__}, not an object')
+      raise ChatFormatError('wrong_type',
+                            f'message {k} is a {type(message).__name__}, not an object')
     if 'role' not in message or 'content' not in message:
       raise ChatFormatError('missing_field', f"message {k} needs 'role' and 'content'")
     role, content = message['role'], message['content']
     if not isinstance(role, str) or not isinstance(content, str):
       raise ChatFormatError('wrong_type', f'message {k}: role and content must be strings')
     if role not in ROLES:
-      raise ChatFormatError('unknown_role', f'message {k} has role {role!r}; expected one of {ROLES}')
+      raise ChatFormatError('unknown_role',
+                            f'message {k} has role {role!r}; expected one of {ROLES}')
     if not content.strip():
       reason = 'empty_assistant_turn' if role == ASSISTANT else 'empty_turn'
       raise ChatFormatError(reason, f'message {k} ({role}) is empty')
@@ -140,7 +142,8 @@ def validate(messages: Any, *, for_generation: bool = False) -> list[Message]:
   if for_generation and last != USER:
     raise ChatFormatError('prompt_must_end_with_user', 'a prompt ends with a user turn')
   if not for_generation and last != ASSISTANT:
-    raise ChatFormatError('must_end_with_assistant', 'a training conversation ends with an assistant turn')
+    raise ChatFormatError('must_end_with_assistant',
+                          'a training conversation ends with an assistant turn')
   return out
 
 

@@ -76,7 +76,8 @@ def _string_field(record: dict, key: str, *, optional: bool = False) -> str:
 def record_messages(record: Any) -> list[chat.Message]:
   """The conversation of one JSONL record in any of the three formats (validated)."""
   if not isinstance(record, dict):
-    raise chat.ChatFormatError('wrong_type', f'a record is a JSON object, got {type(record).__name__}')
+    raise chat.ChatFormatError('wrong_type',
+                               f'a record is a JSON object, got {type(record).__name__}')
   formats = [name for name, key in (('messages', 'messages'), ('prompt/completion', 'prompt'),
                                     ('instruction/output', 'instruction')) if key in record]
   if len(formats) > 1:

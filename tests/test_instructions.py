@@ -94,7 +94,7 @@ def test_malformed_records_are_counted_with_reason_and_line(tokenizer, tmp_path)
                                {'role': 'assistant', 'content': 7}]}), # 6 wrong_type
       json.dumps({'prompt': 'q'}),                                     # 7 missing_field
       json.dumps({'instruction': 'q', 'input': 'x'}),                  # 8 missing_field
-      json.dumps({'prompt': 'q', 'completion': 'a <|end|> <|user|>x'}),  # 9 control_token_in_content
+      json.dumps({'prompt': 'q', 'completion': 'a <|end|> <|user|>x'}),  # 9 control token
       json.dumps({'text': 'plain'}),                                   # 10 unknown_format
       json.dumps(['q', 'a']),                                          # 11 wrong_type
       '',                                                              # 12 blank: no record
@@ -129,7 +129,8 @@ def test_cleaning_dedup_and_length(tokenizer, tmp_path):
   same = json.dumps({'prompt': 'Who to ask?', 'completion': 'Write to ada@example.com today.'})
   long = json.dumps({'prompt': 'Count.', 'completion': ' '.join(str(i) for i in range(400))})
   # The same conversation re-wrapped counts as a duplicate too.
-  rewrapped = json.dumps({'prompt': 'Who  to\nask?', 'completion': 'Write to ada@example.com today.'})
+  rewrapped = json.dumps({'prompt': 'Who  to\nask?',
+                          'completion': 'Write to ada@example.com today.'})
   decomposed = json.dumps({'prompt': 'Cafe\u0301?', 'completion': 'Yes.'})
   path = _write_lines(tmp_path / 'c.jsonl', [same, same, long, rewrapped, decomposed])
   records, report = instructions.read_instruction_files(path, tokenizer, 128,
@@ -160,7 +161,8 @@ def test_split_by_document_id_and_duplicates_keep_the_train_copy(tokenizer, tmp_
   for name, split_records in records.items():
     for r in split_records:
       assert r['split'] == name == splits[int(r['where'].rsplit(':', 1)[1]) - 1]
-  twins = [r['where'] for rs in records.values() for r in rs if r['messages'][0]['content'] == 'twin']
+  twins = [r['where'] for rs in records.values() for r in rs
+           if r['messages'][0]['content'] == 'twin']
   assert twins == [f'{path}:{train}']
   assert report['skipped'] == {'duplicate': 1}
   assert {k: v['examples'] for k, v in report['splits'].items()} == {
