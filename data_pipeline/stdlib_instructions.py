@@ -212,7 +212,8 @@ def build_stdlib_instructions(tokenizer: chat.ChatTokenizer, seq_len: int, *,
   candidates = []
   for doc in sources.stdlib_documents(skipped_files, root):
     if doc.source != 'stdlib':
-      continue  # pydoc topics are prose, no functions.
+      modules['pydoc_topics_ignored'] += 1  # Prose, no functions.
+      continue
     modules['read'] += 1
     candidates.extend(_module_candidates(doc, report, modules, min_docstring_words))
   records = instructions.build_records(
