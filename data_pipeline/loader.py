@@ -59,14 +59,28 @@ class LoaderSpec:
   num_documents: int
 
 
-def _document_fields(record: dict[str, Any]) -> dict[str, np.ndarray]:
-  """A document's aligned per-token fields, [BOS] + tokens + [EOS]; pieces are slices of them."""
+def _document_fields(record: dict[str, Any], framing: str,
+                     fields: Sequence[str]) -> dict[str, np.ndarray]:
+  """A document's aligned per-token fields; pieces of rows are slices of them.
+
+  'document' framing: [BOS] + tokens + [EOS], the extra fields 0 at both ends;
+  'sequence' framing: the record as it is (it has its BOS and its end).
+  """
+  out = {}
+  if framing == 'sequence':
+    out['tokens'] = np.asarray(record['tokens'], np.int32)
+    for name in fields:
+      out[name] = np.asarray(record[name], np.int32)
+    return out
   tokens = record['tokens']
   doc = np.empty(len(tokens) + 2, np.int32)
   doc[0] = tokenizer.BOS_ID
   doc[1:-1] = tokens
   doc[-1] = tokenizer.EOS_ID
-  return {'tokens': doc}
+  out['tokens'] = doc
+  for name in fields:
+    out[name] = np.pad(np.asarray(record[name], np.int32), 1)
+  return out
 
 
 class _Epochs:
@@ -75,9 +89,10 @@ class _Epochs:
   Thread-safe: Grain builds several batches at once.
   """
 
-  def __init__(self, spec: LoaderSpec, lengths: np.ndarray):
+  def __init__(self, spec: LoaderSpec, lengths: np.ndarray, framing: str = 'document'):
     self._spec = spec
-    self._lengths = lengths + 2  # With bos and eos.
+    # 'document' records are read with bos and eos around them.
+    self._lengths = lengths + 2 if framing == 'document' else lengths
     self._lock = threading.Lock()
     self._plans: dict[int, packing.Plan] = {}
     self._first_epoch = 0
@@ -129,17 +144,21 @@ class _Epochs:
 class Loader:
   """Iterator over this process's part of each global batch.
 
-  Yields dicts of int32 [len(rows), seq_len] numpy arrays (`FIELDS`): the rows
+  Yields dicts of int32 [len(rows), seq_len] numpy arrays (`FIELDS` and the
+  dataset's extra per-token fields, e.g. `loss_mask`): the rows
   `rows` (global row indices within a batch) of batch 0, 1, .... `num_batches`
   is the number of batches when num_epochs is finite (the same on every
   process), else None.
   """
 
-  def __init__(self, source: Any, spec: LoaderSpec, lengths: np.ndarray, rows: np.ndarray):
+  def __init__(self, source: Any, spec: LoaderSpec, lengths: np.ndarray, rows: np.ndarray,
+               framing: str = 'document', fields: Sequence[str] = ()):
     self.spec = spec
     self.rows = rows
+    self.fields = FIELDS + tuple(fields)
     self._source = source
-    self._epochs = _Epochs(spec, lengths)
+    self._framing, self._extra_fields = framing, tuple(fields)
+    self._epochs = _Epochs(spec, lengths, framing)
     self._arange = np.arange(spec.seq_len, dtype=np.int32)
     self._step = 0
     self._iterator = None
@@ -169,7 +188,7 @@ class Loader:
     """This process's rows of global batch `step`."""
     rows = step * self.spec.batch_size + self.rows
     epochs, starts = self._epochs.locate(rows)
-    out = {k: np.zeros((len(rows), self.spec.seq_len), np.int32) for k in FIELDS}
+    out = {k: np.zeros((len(rows), self.spec.seq_len), np.int32) for k in self.fields}
     for epoch in np.unique(epochs).tolist():
       if epoch == self.spec.num_epochs:
         continue  # Past the end of the data: padding rows.
@@ -181,7 +200,8 @@ class Loader:
                    plan.segment[piece].tolist())
       # One read per record: the source's batched read starts threads on every
       # call, which costs more than the few records of a batch.
-      docs = {d: _document_fields(self._source[d]) for d in set(plan.doc[piece].tolist())}
+      docs = {d: _document_fields(self._source[d], self._framing, self._extra_fields)
+              for d in set(plan.doc[piece].tolist())}
       for i, doc, start, n, col, segment in pieces:
         for name, values in docs[doc].items():
           out[name][i, col:col + n] = values[start:start + n]
@@ -275,9 +295,10 @@ def make_loader(
   if not len(source):
     raise ValueError(f'split {split!r} of {shards.dataset_dir(data_dir)} has no documents')
   lengths = shards.document_lengths(data_dir, split)
+  framing, fields = shards.layout(data_dir)
   spec = LoaderSpec(split, seq_len, batch_size, seed, num_epochs, shuffle, drop_remainder,
                     len(source))
-  return Loader(source, spec, lengths, rows)
+  return Loader(source, spec, lengths, rows, framing, fields)
 
 
 def global_batch(local_batch: dict[str, np.ndarray], sharding: jax.sharding.Sharding,

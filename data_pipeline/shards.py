@@ -9,6 +9,13 @@ Token ids are stored as the raw bytes of an int32 array (a `Tensor` feature
 with `encoding='bytes'`): decoding is one `np.frombuffer`, where an int64_list
 proto costs ~0.3 s per million tokens to read and ~3 s to write.
 
+A dataset holds documents of one of two framings (`framing` in its metadata):
+'document' (pre-training text: the loader adds [BOS] ... [EOS] around the
+token ids) or 'sequence' (complete sequences such as rendered conversations,
+which already start with BOS and carry their own ends; read as they are).
+Besides `tokens`, records may carry aligned per-token fields (`fields`, e.g.
+`loss_mask` for SFT), each an int32 array as long as the tokens.
+
 Beside the records, each split gets two small arrays, named in the metadata
 (`split_files`), so nothing on the training path has to read a whole split:
 `<split>-lengths.npy` (tokens per document, in record order; the loader plans
@@ -20,7 +27,7 @@ split, with a warning that says how to rebuild it.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 import functools
 import io
 import os
@@ -47,9 +54,17 @@ LENGTHS = 'lengths'
 TOKEN_COUNTS = 'token_counts'
 
 
-def features() -> tfds.features.FeaturesDict:
+FRAMINGS = ('document', 'sequence')
+
+
+def _int_sequence() -> tfds.features.Tensor:
+  return tfds.features.Tensor(shape=(None,), dtype=np.int32, encoding='bytes')
+
+
+def features(fields: Sequence[str] = ()) -> tfds.features.FeaturesDict:
   return tfds.features.FeaturesDict({
-      'tokens': tfds.features.Tensor(shape=(None,), dtype=np.int32, encoding='bytes'),
+      'tokens': _int_sequence(),
+      **{name: _int_sequence() for name in fields},
       'num_bytes': np.int32,
       'id': tfds.features.Text(),
   })
@@ -96,7 +111,30 @@ class _TokenCounter:
     return self.counts
 
 
-def _check_record(split: str, index: int, record) -> tuple[str, np.ndarray, int]:
+def _check_fields(split: str, index: int, doc_id: str, record: dict, tokens: np.ndarray,
+                  fields: Sequence[str]) -> dict[str, np.ndarray]:
+  out = {}
+  for name in fields:
+    if name not in record:
+      raise ValueError(f'split {split!r} record {index} (id {doc_id!r}): no field {name!r}')
+    values = np.asarray(record[name])
+    if values.shape != tokens.shape or (values.size and values.dtype.kind not in 'iub'):
+      raise ValueError(f'split {split!r} record {index} (id {doc_id!r}): field {name!r} must '
+                       f'be ints aligned with the {tokens.size} tokens, got shape '
+                       f'{values.shape} dtype {values.dtype}')
+    out[name] = values.astype(np.int32)
+  return out
+
+
+def _check_record(split: str, index: int, record, fields: Sequence[str] = ()
+                  ) -> tuple[str, np.ndarray, int, dict[str, np.ndarray]]:
+  """(id, tokens, num_bytes, extra fields) of a record: a tuple, or a dict with fields."""
+  extra_record = record if isinstance(record, dict) else {}
+  if isinstance(record, dict):
+    record = (record.get('id'), record.get('tokens'), record.get('num_bytes', 0))
+  elif fields:
+    raise ValueError(f'split {split!r} record {index}: a dataset with fields {list(fields)} '
+                     'takes dict records')
   try:
     doc_id, tokens, num_bytes = record
   except (TypeError, ValueError):
@@ -121,20 +159,21 @@ def _check_record(split: str, index: int, record) -> tuple[str, np.ndarray, int]
   if not 0 <= int(num_bytes) <= np.iinfo(np.int32).max:
     raise ValueError(
         f'split {split!r} record {index} (id {doc_id!r}): bad num_bytes {num_bytes!r}')
-  return doc_id, tokens.astype(np.int32), int(num_bytes)
+  extra = _check_fields(split, index, doc_id, extra_record, tokens, fields)
+  return doc_id, tokens.astype(np.int32), int(num_bytes), extra
 
 
-def _write_split(directory: str, split: str, records: Iterable,
-                 max_shard_bytes: int) -> tuple[tfds.core.SplitInfo, dict]:
-  feats = features()
+def _write_split(directory: str, split: str, records: Iterable, max_shard_bytes: int,
+                 fields: Sequence[str] = ()) -> tuple[tfds.core.SplitInfo, dict]:
+  feats = features(fields)
   stats = {'documents': 0, 'tokens': 0, 'bytes': 0}
   lengths, counter = [], _TokenCounter()
   shard_lengths, shard_sizes = [], []
   writer, written = None, 0
   for index, record in enumerate(records):
-    doc_id, tokens, num_bytes = _check_record(split, index, record)
+    doc_id, tokens, num_bytes, extra = _check_record(split, index, record, fields)
     example = feats.serialize_example(
-        {'tokens': tokens, 'num_bytes': num_bytes, 'id': doc_id})
+        {'tokens': tokens, 'num_bytes': num_bytes, 'id': doc_id, **extra})
     if writer is None or written >= max_shard_bytes:
       if writer is not None:
         writer.close()
@@ -172,19 +211,26 @@ def _write_split(directory: str, split: str, records: Iterable,
 
 def write_dataset(
     data_workdir: str,
-    splits: dict[str, Iterable[tuple[str, list[int], int]]],
+    splits: dict[str, Iterable[tuple[str, list[int], int] | dict]],
     *,
     max_shard_bytes: int = MAX_SHARD_BYTES,
+    fields: Sequence[str] = (),
+    framing: str = 'document',
 ) -> dict[str, dict]:
   """Writes (doc id, token ids, num_bytes) records per split as `strata_corpus`.
 
-  Any earlier version of the dataset in the workdir is replaced. Records keep
-  their order (the loader shuffles). Per-document lengths and token counts are
-  written beside them (module docstring). Returns per split
-  {'documents': n, 'tokens': t, 'bytes': b}.
+  With `fields`, records are dicts {'id', 'tokens', 'num_bytes', <field>: ...}.
+  `framing` says whether the loader wraps each record in BOS/EOS ('document')
+  or reads it as it is ('sequence'); see the module docstring. Any earlier
+  version of the dataset in the workdir is replaced. Records keep their order
+  (the loader shuffles). Per-document lengths and token counts are written
+  beside them. Returns per split {'documents': n, 'tokens': t, 'bytes': b}.
   """
   if not splits:
     raise ValueError('write_dataset: no splits given')
+  if framing not in FRAMINGS:
+    raise ValueError(f'framing={framing!r} is not one of {FRAMINGS}')
+  fields = tuple(fields)
   directory = dataset_dir(data_workdir)
   # Written next to the final place, then moved, so a crash never leaves a
   # half-written dataset that looks complete.
@@ -193,18 +239,20 @@ def write_dataset(
   os.makedirs(tmp_directory)
   split_infos, stats = [], {}
   for split, records in splits.items():
-    info, stats[split] = _write_split(tmp_directory, split, records, max_shard_bytes)
+    info, stats[split] = _write_split(tmp_directory, split, records, max_shard_bytes, fields)
     split_infos.append(info)
   shutil.rmtree(directory, ignore_errors=True)
   os.rename(tmp_directory, directory)
   tfds.folder_dataset.write_metadata(
       data_dir=directory,
-      features=features(),
+      features=features(fields),
       split_infos=split_infos,
       check_data=False,
       description='strata pre-tokenized corpus: token ids per document (no bos/eos).',
       metadata=tfds.core.MetadataDict(
           split_stats=stats,
+          framing=framing,
+          fields=list(fields),
           split_files={split: {kind: _split_file(split, kind) for kind in (LENGTHS, TOKEN_COUNTS)}
                        for split in stats}),
   )
@@ -277,6 +325,12 @@ def _scan_split(data_workdir: str, split: str) -> dict[str, np.ndarray]:
     lengths[i] = len(tokens)
     counter.add(tokens)
   return {LENGTHS: lengths, TOKEN_COUNTS: counter.flush()}
+
+
+def layout(data_workdir: str) -> tuple[str, tuple[str, ...]]:
+  """(framing, extra per-token fields) of the dataset; ('document', ()) if not recorded."""
+  metadata = _builder(data_workdir).info.metadata or {}
+  return metadata.get('framing', 'document'), tuple(metadata.get('fields', ()))
 
 
 def document_lengths(data_workdir: str, split: str) -> np.ndarray:

@@ -337,3 +337,47 @@ def test_bad_arguments(data, tmp_path):
     _make(workdir, split='dev')
   with pytest.raises(ValueError, match=r'rows must be a non-empty subset of \[0, 4\)'):
     _make(workdir, rows=[4])
+
+
+def _sft_records(n: int, seed: int = 0) -> list[dict]:
+  """Conversations as the chat template renders them: BOS, a prompt (mask 0), an answer (1)."""
+  rng = np.random.default_rng(seed)
+  out = []
+  for i in range(n):
+    prompt = rng.integers(10, 100, size=int(rng.integers(2, 8))).tolist()
+    answer = rng.integers(100, 200, size=int(rng.integers(1, 6))).tolist()
+    tokens = [2] + prompt + answer
+    out.append({'id': f'c{i}', 'tokens': tokens, 'num_bytes': len(tokens),
+                'loss_mask': [0] * (1 + len(prompt)) + [1] * len(answer)})
+  return out
+
+
+def test_sequence_records_with_a_loss_mask_pack_aligned_and_whole(tmp_path):
+  """SFT data: no BOS/EOS added, the mask moves with its tokens, no example is cut or mixed."""
+  from train import losses  # pylint: disable=g-import-not-at-top
+  records = _sft_records(40)
+  shards.write_dataset(str(tmp_path), {'train': records, 'validation': records[:7]},
+                       fields=('loss_mask',), framing='sequence')
+  batches = loader.make_loader(str(tmp_path), 'train', seq_len=16, batch_size=4,
+                                  num_epochs=1, shuffle=True, drop_remainder=False)
+  by_tokens = {tuple(r['tokens']): r['loss_mask'] for r in records}
+  seen = []
+  for batch in batches:
+    answer_targets = 0
+    assert set(batch) == {'tokens', 'segment_ids', 'positions', 'loss_mask'}
+    for row in range(4):
+      segments = batch['segment_ids'][row]
+      for segment in set(segments.tolist()) - {0}:
+        where = segments == segment
+        tokens = tuple(batch['tokens'][row][where].tolist())
+        assert tokens in by_tokens, tokens           # whole, never cut or mixed
+        assert tokens[0] == 2 and 2 not in tokens[1:]  # one BOS, none added
+        assert batch['loss_mask'][row][where].tolist() == by_tokens[tokens]
+        assert batch['positions'][row][where].tolist() == list(range(len(tokens)))
+        seen.append(tokens)
+        answer_targets += sum(by_tokens[tokens][1:])
+      assert not batch['loss_mask'][row][segments == 0].any()
+    # The loss counts exactly the answer tokens: masked-in targets inside a segment.
+    _, weights = losses.next_token_targets({k: jax.numpy.asarray(v) for k, v in batch.items()})
+    assert float(weights.sum()) == answer_targets
+  assert sorted(seen) == sorted(by_tokens)            # every example exactly once
