@@ -39,6 +39,7 @@ from typing import Any, Callable, Iterable, Iterator, Mapping
 
 import jax
 
+from configs.cli import UserError
 from train import checkpoint as checkpoint_lib
 from train import metrics as metrics_lib
 
@@ -121,7 +122,7 @@ def restore_or_init(checkpointer: checkpoint_lib.Checkpointer, loader: Any,
     try:
       loader.set_state(loader_state)
     except ValueError as e:
-      raise ValueError(
+      raise UserError(
           f'Cannot resume the data position saved with checkpoint step {step} in '
           f'{checkpointer.directory}: {e}. Resume with the settings the run started with, '
           'or start a new workdir.') from e
