@@ -50,7 +50,7 @@ class DecodeOutput:
   logprobs: [B, N] float32, raw model log-prob of each token (0 where not mask).
   sampling_logprobs: [B, N] float32, log-prob under the sampling distribution.
   mask: [B, N] bool, True where a token was generated (up to and with EOS).
-  done: [B] bool, True for rows that produced EOS.
+  done: [B] bool, True for rows that produced EOS (or another stop id).
   lengths: [B] int32, number of generated tokens per row (= mask.sum(1)).
   num_steps: int32 scalar, token positions the loop ran (< N if it stopped early).
   """
@@ -87,8 +87,13 @@ def _empty_state(batch: int, max_new_tokens: int, pad_id: int, extra: Any) -> _L
                     extra=extra)
 
 
+def stop_ids(eos_id: int | Sequence[int]) -> tuple[int, ...]:
+  """`eos_id` as a tuple: generation stops at any of them (EOS, or `<|end|>` for chat)."""
+  return (int(eos_id),) if isinstance(eos_id, (int, np.integer)) else tuple(map(int, eos_id))
+
+
 def _emit(state: _LoopState, logits_BV: jax.Array, rng: jax.Array, sampling: SamplingConfig,
-          eos_id: int | None, pad_id: int) -> _LoopState:
+          eos_id: int | tuple[int, ...] | None, pad_id: int) -> _LoopState:
   """Samples column `state.step` from `logits_BV`; finished rows get pad."""
   step = state.step
   # Folding in the step gives both paths (cached, uncached) the same draws.
@@ -98,7 +103,8 @@ def _emit(state: _LoopState, logits_BV: jax.Array, rng: jax.Array, sampling: Sam
   token_B = jnp.where(active_B, token_B, pad_id)
   done_B = state.done_B
   if eos_id is not None:
-    done_B = done_B | (active_B & (token_B == eos_id))
+    stops = jnp.asarray(stop_ids(eos_id), jnp.int32)
+    done_B = done_B | (active_B & jnp.isin(token_B, stops))
 
   def put(values_BN, column_B):
     return jax.lax.dynamic_update_slice_in_dim(values_BN, column_B[:, None], step, axis=1)
@@ -115,7 +121,7 @@ def _emit(state: _LoopState, logits_BV: jax.Array, rng: jax.Array, sampling: Sam
 
 def _run(first_logits_BV: jax.Array, extra: Any,
          next_logits: Callable[[_LoopState], tuple[jax.Array, Any]], rng: jax.Array, *,
-         max_new_tokens: int, sampling: SamplingConfig, eos_id: int | None,
+         max_new_tokens: int, sampling: SamplingConfig, eos_id: int | tuple[int, ...] | None,
          pad_id: int) -> DecodeOutput:
   """Emits column 0 from the prompt's logits, then loops `next_logits` + emit."""
   emit = functools.partial(_emit, rng=rng, sampling=sampling, eos_id=eos_id, pad_id=pad_id)
@@ -157,7 +163,7 @@ def _at(values_BLV: jax.Array, index_B: jax.Array) -> jax.Array:
 
 def decode_tokens(model: nn.Module, params: Any, prompt_BP: jax.Array, lengths_B: jax.Array,
                   rng: jax.Array, *, max_new_tokens: int, sampling: SamplingConfig,
-                  eos_id: int | None, pad_id: int = 0, cache_len: int | None = None
+                  eos_id: int | tuple[int, ...] | None, pad_id: int = 0, cache_len: int | None = None
                   ) -> DecodeOutput:
   """Cached generation; pure and jittable with everything after `rng` static.
 
@@ -191,7 +197,7 @@ def decode_tokens(model: nn.Module, params: Any, prompt_BP: jax.Array, lengths_B
 
 def decode_tokens_uncached(model: nn.Module, params: Any, prompt_BP: jax.Array,
                            lengths_B: jax.Array, rng: jax.Array, *, max_new_tokens: int,
-                           sampling: SamplingConfig, eos_id: int | None, pad_id: int = 0,
+                           sampling: SamplingConfig, eos_id: int | tuple[int, ...] | None, pad_id: int = 0,
                            cache_len: int | None = None) -> DecodeOutput:
   """Reference: every step recomputes the full forward pass over prompt + output.
 
@@ -281,7 +287,7 @@ def pad_prompts(prompts: Sequence[Sequence[int]], pad_id: int = 0,
 def _generate(decoder: Callable[..., DecodeOutput], model: nn.Module, params: Any,
               prompts, prompt_lengths, *, max_new_tokens: int, rng: jax.Array,
               temperature: float, top_k: int, top_p: float, greedy: bool,
-              eos_id: int | None, pad_id: int, max_len: int | None,
+              eos_id: int | tuple[int, ...] | None, pad_id: int, max_len: int | None,
               mesh: jax.sharding.Mesh | None, rules: Sequence[tuple[str, Any]] | None
               ) -> DecodeOutput:
   if prompt_lengths is None:
@@ -309,13 +315,14 @@ def generate(model: nn.Module, params: Any,
              prompts: Sequence[Sequence[int]] | jax.Array | np.ndarray,
              prompt_lengths: jax.Array | np.ndarray | None = None, *, max_new_tokens: int,
              rng: jax.Array, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
-             greedy: bool = False, eos_id: int | None, pad_id: int = 0,
+             greedy: bool = False, eos_id: int | tuple[int, ...] | None, pad_id: int = 0,
              max_len: int | None = None, mesh: jax.sharding.Mesh | None = None,
              rules: Sequence[tuple[str, Any]] | None = None) -> DecodeOutput:
   """Generates up to `max_new_tokens` per prompt with the KV cache (jitted).
 
   prompts: a list of token-id lists, or a right-padded [B, P] array with
-    `prompt_lengths` [B]. eos_id None never stops early.
+    `prompt_lengths` [B]. eos_id: a token id or a tuple of them (a chat model
+    stops at `<|end|>` or EOS); None never stops early.
   max_len: KV-cache slots per row (default: P + max_new_tokens).
   mesh, rules: trace under this mesh and these logical-axis rules (as in
     training), so sharded params are used where they live.
@@ -332,7 +339,7 @@ def generate_uncached(model: nn.Module, params: Any,
                       prompt_lengths: jax.Array | np.ndarray | None = None, *,
                       max_new_tokens: int, rng: jax.Array, temperature: float = 1.0,
                       top_k: int = 0, top_p: float = 1.0, greedy: bool = False,
-                      eos_id: int | None, pad_id: int = 0, max_len: int | None = None,
+                      eos_id: int | tuple[int, ...] | None, pad_id: int = 0, max_len: int | None = None,
                       mesh: jax.sharding.Mesh | None = None,
                       rules: Sequence[tuple[str, Any]] | None = None) -> DecodeOutput:
   """`generate` recomputing the whole forward pass every step (reference, benchmark)."""

@@ -30,11 +30,12 @@ from train import metrics
 from train import paths
 from train import plot
 from train import pretrain
+from train import stage as stage_lib
 from train import run_dir
 from train import run_files
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-MODULES = ('train/pretrain.py', 'train/checkpoint.py', 'train/metrics.py', 'train/run_dir.py',
+MODULES = ('train/pretrain.py', 'train/stage.py', 'train/checkpoint.py', 'train/metrics.py', 'train/run_dir.py',
            'train/evaluate.py', 'train/generate.py', 'train/plot.py', 'train/run_files.py')
 
 
@@ -213,8 +214,8 @@ def test_pretrain_start_keeps_gcs_workdirs(gcs, tmp_path, monkeypatch):
     kwargs['on_ready']()
     raise Stop()
 
-  monkeypatch.setattr(pretrain.loader_lib, 'make_loader', make_loader)
-  monkeypatch.setattr(pretrain.loop, 'run', run)
+  monkeypatch.setattr(stage_lib.loader_lib, 'make_loader', make_loader)
+  monkeypatch.setattr(stage_lib.loop, 'run', run)
   with pytest.raises(Stop):
     pretrain.train(config, 'gs://bucket/run')
   saved = json.loads((gcs / 'run' / 'config.json').read_text())

@@ -15,6 +15,7 @@ import pytest
 
 from configs import pretrain as pretrain_configs
 from train import pretrain
+from train import stage as stage_lib
 
 PEAK, END_FACTOR, WARMUP = 1e-2, 0.1, 10
 DATA_STEPS = 120   # the stand-in loader's batches over all its epochs
@@ -45,11 +46,11 @@ def _run_until_loop(tmp_path, monkeypatch, num_train_steps: int):
   with config.unlocked():
     config.data.workdir = str(tmp_path / 'data')
     config.data.preset = 'files'
-  monkeypatch.setattr(pretrain.loader_lib, 'make_loader',
+  monkeypatch.setattr(stage_lib.loader_lib, 'make_loader',
                       lambda *args, **kwargs: _Loader(DATA_STEPS))
-  monkeypatch.setattr(pretrain, '_peak_flops', lambda mesh: (None, {}))
+  monkeypatch.setattr(stage_lib, 'peak_flops', lambda mesh: (None, {}))
   captured = {}
-  monkeypatch.setattr(pretrain.loop, 'run', lambda **kwargs: captured.update(kwargs))
+  monkeypatch.setattr(stage_lib.loop, 'run', lambda **kwargs: captured.update(kwargs))
   pretrain.train(config, str(tmp_path / 'run'))
   return captured
 

@@ -1,0 +1,243 @@
+"""The one stage runner: every training stage is a `Stage` handed to `run`.
+
+A stage (pre-training, SFT, reward modelling, DPO, ...) says what is its own:
+how its config is checked, how its data is prepared, the loss it trains and
+evaluates, and which metric is "best". `run` does the rest, the same way for
+all of them:
+
+  1. checks the workdir and the config before anything is written
+     (train/run_files.py); prepares the data; reads the tokenizer and the data
+     fingerprint, and on resume refuses other data;
+  2. with `init_from` (another run's directory), takes that run's model shape
+     and checks its tokenizer is this data's;
+  3. builds the mesh, the model, the abstract sharded state and the loaders,
+     checking the batch splits over the mesh;
+  4. builds the train and eval steps from the stage's loss;
+  5. hands everything to `train.loop.run`, whose state is restored from the
+     workdir, else initialised: fresh, or from `init_from`'s parameters
+     (restored onto this mesh, every key checked) with a fresh optimizer;
+  6. writes config.json, tokenizer.model and data.json once the state is there.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from typing import Any, Callable
+
+from absl import logging
+from etils import epath
+import jax
+import ml_collections
+import numpy as np
+
+from configs.cli import UserError
+from data_pipeline import loader as loader_lib
+from model import config as model_config_lib
+from model import transformer
+from train import checkpoint as checkpoint_lib
+from train import loop
+from train import mesh as mesh_lib
+from train import mfu
+from train import objectives
+from train import optimizer as optimizer_lib
+from train import paths
+from train import run_files
+from train import state as state_lib
+from train import steps as steps_lib
+
+# Model keys a run may set for itself when it starts from another run's
+# parameters (`init_from`); every other key (the shapes, the parameter tree)
+# comes from that run.
+RUNTIME_MODEL_KEYS = ('dropout_rate', 'remat_policy', 'attention_impl', 'dtype')
+
+
+@dataclasses.dataclass(frozen=True)
+class Stage:
+  """What a training stage contributes to `run`.
+
+  name: for messages ('pretrain', 'sft', ...).
+  validate: checks the config (ranges, combinations); raises UserError.
+  prepare_data: makes sure `config.data.workdir` holds the stage's dataset.
+  loss: (config, model) -> the training loss_fn (train/objectives.py).
+  eval_loss: (config, model) -> the evaluation loss_fn; its aux sums become
+    `eval/<name>` metrics and `eval/loss` decides the best checkpoint.
+  """
+  name: str
+  validate: Callable[[ml_collections.ConfigDict], None]
+  prepare_data: Callable[[ml_collections.ConfigDict], None]
+  loss: Callable[[Any, Any], objectives.LossFn] = steps_lib.default_loss
+  eval_loss: Callable[[Any, Any], objectives.LossFn] = (
+      lambda config, model: objectives.next_token(model))
+
+
+def model_config(config: ml_collections.ConfigDict) -> model_config_lib.ModelConfig:
+  try:
+    return model_config_lib.ModelConfig.from_config(config.model)
+  except (KeyError, ValueError, TypeError) as e:
+    raise UserError(f'config.model: {str(e).strip(chr(39))}') from None
+
+
+def check_batch(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
+                batch_sharding: jax.sharding.NamedSharding) -> None:
+  """The global batch must split evenly over the devices (and processes) that share it."""
+  spec = batch_sharding.spec[0]
+  axes = () if spec is None else (tuple(spec) if isinstance(spec, (tuple, list)) else (spec,))
+  shards = math.prod(mesh.shape[a] for a in axes)
+  if config.batch_size % shards:
+    raise UserError(f'config key batch_size={config.batch_size} cannot be split over the '
+                    f'{shards} devices that share the batch (mesh {dict(mesh.shape)}); use a '
+                    f'multiple of {shards}.')
+  if config.batch_size % jax.process_count():
+    raise UserError(f'config key batch_size={config.batch_size} is not a multiple of the '
+                    f'{jax.process_count()} processes.')
+
+
+def peak_flops(mesh: jax.sharding.Mesh) -> tuple[float | None, dict[str, Any]]:
+  """Peak FLOP/s of the mesh's devices (table for TPU/GPU, a measured matmul on CPU)."""
+  devices = list(mesh.devices.flat)
+  try:
+    peak, source = mfu.peak_flops(devices)
+  except KeyError as e:   # an accelerator missing from the table: train without MFU
+    logging.warning('%s', e)
+    return None, {}
+  return peak, {'perf/peak_flops_per_sec': peak, 'perf/peak_source': source,
+                'perf/num_devices': len(devices)}
+
+
+def adopt_init_from(config: ml_collections.ConfigDict,
+                    tokenizer_bytes: bytes | None) -> str | None:
+  """With `config.init_from`, takes that run's model shape and checks its tokenizer.
+
+  Returns the resolved run directory, or None without init_from.
+  """
+  source = config.get('init_from') or None
+  if source is None:
+    return None
+  source = paths.resolve_str(source)
+  path = epath.Path(source) / run_files.CONFIG_FILE
+  if not path.exists():
+    raise UserError(f'init_from={config.init_from}: no {run_files.CONFIG_FILE} there; give '
+                    'the directory of a finished run (e.g. runs/tiny).')
+  source_model = json.loads(path.read_text()).get('model', {})
+  with config.unlocked():
+    for key, value in source_model.items():
+      if key in RUNTIME_MODEL_KEYS or key not in config.model:
+        continue
+      if config.model[key] != value:
+        logging.info('init_from: model.%s = %r (from %s)', key, value, source)
+      config.model[key] = value
+  copy = epath.Path(source) / run_files.TOKENIZER_FILE
+  if tokenizer_bytes is not None and copy.exists() and copy.read_bytes() != tokenizer_bytes:
+    raise UserError(f'init_from={config.init_from} was trained with another tokenizer than '
+                    f'the one of data.workdir={config.data.workdir}; prepare the data with '
+                    f'{copy}.')
+  return source
+
+
+def state_from_run(config: ml_collections.ConfigDict, model: Any, mesh: jax.sharding.Mesh,
+                   abstract: state_lib.TrainState, source: str) -> state_lib.TrainState:
+  """A fresh state whose params are `source`'s newest good checkpoint's, on this mesh.
+
+  The checkpoint's parameter tree must equal this model's, extra keys included.
+  """
+  directory = os.fspath(epath.Path(source) / run_files.CHECKPOINT_DIR)
+  reader = checkpoint_lib.Checkpointer(directory, read_only=True)
+  try:
+    step, params = reader.restore_params(None, abstract.params)
+  except checkpoint_lib.CheckpointMismatchError:
+    raise
+  except checkpoint_lib.CheckpointError as e:
+    raise UserError(f'init_from={source}: {e}') from None
+  finally:
+    reader.close()
+  print(f'Initialised the parameters from {source} (step {step}); optimizer state fresh.',
+        flush=True)
+  tx, _ = optimizer_lib.make_optimizer(config.optimizer, config.num_train_steps)
+  _, shardings = state_lib.abstract_state(config, model, mesh)
+  rng = np.asarray(jax.device_get(jax.random.key_data(jax.random.key(config.seed))))
+
+  def fresh(params, rng):
+    return state_lib.TrainState(step=jax.numpy.zeros((), jax.numpy.int32), params=params,
+                                opt_state=tx.init(params), rng=jax.random.split(rng)[1])
+
+  return jax.jit(fresh, out_shardings=shardings)(params, rng)
+
+
+def run(stage: Stage, config: ml_collections.ConfigDict, workdir: str) -> loop.LoopResult:
+  """Trains `stage` per `config` in `workdir`, resuming from its latest checkpoint."""
+  stage.validate(config)
+  workdir = run_files.check_workdir(workdir, config.data.workdir)
+  with config.unlocked():
+    config.data.workdir = paths.resolve_str(config.data.workdir)
+  stage.prepare_data(config)
+  tokenizer = run_files.read_tokenizer(config)
+  init_from = adopt_init_from(config, tokenizer[0])
+  model_cfg = model_config(config)
+  fingerprint = run_files.data_fingerprint(config.data.workdir, tokenizer[0])
+  if run_files.has_checkpoint(workdir):
+    run_files.check_same_data(workdir, fingerprint)
+
+  mesh = mesh_lib.make_mesh(config.mesh)
+  rules = mesh_lib.logical_rules(config.mesh)
+  model = transformer.Transformer(model_cfg)
+  abstract_state, state_shardings = state_lib.abstract_state(config, model, mesh)
+  batch_sharding = mesh_lib.batch_sharding(mesh, rules)
+  check_batch(config, mesh, batch_sharding)
+  data_dir = config.data.workdir
+  train_loader = loader_lib.make_loader(
+      data_dir, 'train', seq_len=config.seq_len, batch_size=config.batch_size, seed=config.seed,
+      num_epochs=config.num_epochs, shuffle=True, sharding=batch_sharding)
+  to_global = lambda batch: loader_lib.global_batch(batch, batch_sharding, config.batch_size)
+  loop_cfg = loop.LoopConfig.from_config(config)
+  # Batches in num_epochs passes over the data; None when num_epochs is None.
+  data_steps = getattr(train_loader, 'num_batches', None)
+  if data_steps is not None:
+    # Whichever ends first: num_train_steps (if > 0) or num_epochs over the data.
+    loop_cfg = dataclasses.replace(
+        loop_cfg, num_train_steps=min(loop_cfg.num_train_steps or data_steps, data_steps))
+  # The learning-rate schedule spans the steps the run really takes.
+  train_step = steps_lib.make_train_step(config, model, mesh, state_shardings, batch_sharding,
+                                         loss_fn=stage.loss(config, model),
+                                         num_train_steps=loop_cfg.num_train_steps)
+  eval_step = steps_lib.make_eval_step(config, model, mesh, state_shardings.params,
+                                       batch_sharding, loss_fn=stage.eval_loss(config, model))
+  eval_steps = config.eval_steps if config.eval_steps and config.eval_steps > 0 else None
+  evaluate = None
+  if config.eval_every:
+    evaluate = loop.make_evaluator(
+        eval_step,
+        lambda: loader_lib.make_loader(
+            data_dir, 'validation', seq_len=config.seq_len, batch_size=config.batch_size,
+            seed=config.seed, num_epochs=1, shuffle=False, drop_remainder=False,
+            sharding=batch_sharding),
+        to_global, eval_steps)
+
+  if init_from is None:
+    init_state = lambda: state_lib.create_sharded_state(
+        config, model, mesh, jax.random.key(config.seed))[0]
+  else:
+    init_state = lambda: state_from_run(config, model, mesh, abstract_state, init_from)
+  peak, startup = peak_flops(mesh)
+  startup['model/num_params'] = model_config_lib.num_params(model_cfg)
+  checkpointer = checkpoint_lib.Checkpointer(
+      os.fspath(epath.Path(workdir) / run_files.CHECKPOINT_DIR), keep=config.keep_checkpoints)
+  try:
+    return loop.run(
+        workdir=workdir, loop_cfg=loop_cfg, train_step=train_step, train_loader=train_loader,
+        to_global=to_global, checkpointer=checkpointer, init_state=init_state,
+        abstract_state=abstract_state, evaluate=evaluate,
+        tokens_per_step=config.batch_size * config.seq_len,
+        flops_per_token=model_config_lib.flops_per_token(model_cfg, config.seq_len),
+        peak_flops=peak, startup_metrics=startup,
+        on_ready=lambda: run_files.record_start(config, workdir, tokenizer, fingerprint))
+  finally:
+    checkpointer.close()
+
+
+def summary(result: loop.LoopResult) -> str:
+  return json.dumps({'step': result.step, 'reason': result.reason,
+                     'best_eval_loss': result.best_eval_loss,
+                     'last_checkpoint': result.last_checkpoint})
