@@ -107,29 +107,34 @@ def pydoc_topics(path: str) -> dict[str, str]:
   raise ValueError(f'{path}: no `topics = {{...}}` assignment found.')
 
 
-def stdlib_documents(skipped: collections.Counter,
-                     root: str | None = None) -> Iterator[Document]:
-  """Every `.py` file under the stdlib (site-packages excluded) + pydoc topics."""
+def stdlib_files(root: str | None = None) -> Iterator[str]:
+  """Every `.py` file under the stdlib (site-packages excluded), in a fixed order."""
   root = root or stdlib_root()
   for dirpath, dirnames, filenames in os.walk(root):
     # site-packages holds third-party code, not the standard library.
     dirnames[:] = sorted(d for d in dirnames
                          if d not in ('site-packages', '__pycache__'))
     for name in sorted(filenames):
-      if not name.endswith('.py'):
-        continue
-      path = os.path.join(dirpath, name)
-      rel = os.path.relpath(path, root)
-      if rel == PYDOC_TOPICS:
-        for topic, text in sorted(pydoc_topics(path).items()):
-          if not text.strip():
-            _skip(skipped, 'empty_text', f'{path} topic {topic!r}')
-            continue
-          yield Document(f'pydoc:topics/{topic}', text, 'pydoc')
-        continue
-      text = decode_file(path, skipped)
-      if text is not None:
-        yield Document(f'stdlib:{rel.replace(os.sep, "/")}', text, 'stdlib')
+      if name.endswith('.py'):
+        yield os.path.join(dirpath, name)
+
+
+def stdlib_documents(skipped: collections.Counter,
+                     root: str | None = None) -> Iterator[Document]:
+  """Every `.py` file under the stdlib (site-packages excluded) + pydoc topics."""
+  root = root or stdlib_root()
+  for path in stdlib_files(root):
+    rel = os.path.relpath(path, root)
+    if rel == PYDOC_TOPICS:
+      for topic, text in sorted(pydoc_topics(path).items()):
+        if not text.strip():
+          _skip(skipped, 'empty_text', f'{path} topic {topic!r}')
+          continue
+        yield Document(f'pydoc:topics/{topic}', text, 'pydoc')
+      continue
+    text = decode_file(path, skipped)
+    if text is not None:
+      yield Document(f'stdlib:{rel.replace(os.sep, "/")}', text, 'stdlib')
 
 
 # ----------------------------------------------------------------------------
