@@ -173,7 +173,10 @@ def _build(config: ml_collections.ConfigDict, workdir: str, report: report_lib.R
   stage.details['skipped_examples'] = skipped.examples
   stage.seconds = time.time() - started
   if not docs:
-    raise UserError(f'The source yielded no document: {report_lib.what_was_dropped(report.to_dict())}.')
+    named = '; '.join(f"{e['where']}: {e['reason']}" for e in skipped.examples[:3])
+    raise UserError(f'The source yielded no document: '
+                    f'{report_lib.what_was_dropped(report.to_dict())}'
+                    + (f' (first skipped: {named})' if named else '') + '.')
 
   stage = report.stage('clean')
   t = time.time()
