@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import collections
+import contextlib
 import json
 import os
 import random
+import signal
 import subprocess
 import sys
 
@@ -61,6 +63,22 @@ def _config(**changes):
   return data_configs.get_config(arg)
 
 
+@contextlib.contextmanager
+def _fails_if_it_hangs(seconds: int):
+  """A blocked read (e.g. opening a FIFO) becomes a test failure, not a hung suite."""
+
+  def hung(*_):
+    raise TimeoutError(f'still running after {seconds} s: blocked on an input?')
+
+  previous = signal.signal(signal.SIGALRM, hung)
+  signal.alarm(seconds)
+  try:
+    yield
+  finally:
+    signal.alarm(0)
+    signal.signal(signal.SIGALRM, previous)
+
+
 @pytest.fixture(scope='module')
 def built(tmp_path_factory):
   root = tmp_path_factory.mktemp('pipeline')
@@ -68,7 +86,8 @@ def built(tmp_path_factory):
   cwd = os.getcwd()
   os.chdir(root)  # Relative paths make stable ids: file:corpus/doc00.txt.
   try:
-    report = pipeline.run(_config(), 'data')
+    with _fails_if_it_hangs(60):
+      report = pipeline.run(_config(), 'data')
   finally:
     os.chdir(cwd)
   return root, report
