@@ -53,10 +53,15 @@ def _config_dict(config: ml_collections.ConfigDict) -> dict[str, Any]:
   return {k: v for k, v in json.loads(config.to_json(sort_keys=True)).items() if k != 'preset'}
 
 
+_NEW_KEY = object()  # A key the recorded config did not have yet.
+
+
 def _differences(a: Any, b: Any, prefix: str = '') -> list[str]:
   if isinstance(a, dict) and isinstance(b, dict):
     return [d for k in sorted(set(a) | set(b))
-            for d in _differences(a.get(k), b.get(k), f'{prefix}{k}.')]
+            for d in _differences(a.get(k, _NEW_KEY), b.get(k), f'{prefix}{k}.')]
+  if a is _NEW_KEY:
+    return [f'{prefix[:-1]}: new key']
   return [] if a == b else [f'{prefix[:-1]}: {a!r} -> {b!r}']
 
 
@@ -87,6 +92,13 @@ def _reuse(config: ml_collections.ConfigDict, workdir: str,
   if os.path.exists(config_path):
     with open(config_path) as f:
       changed = _differences(json.load(f), _config_dict(config))
+    # A workdir built before a key existed cannot disagree with it; a refusal
+    # would strand every such workdir, so these are named, not refused.
+    new_keys = [c.split(':')[0] for c in changed if c.endswith(': new key')]
+    changed = [c for c in changed if not c.endswith(': new key')]
+    if new_keys:
+      print(f'Warning: {workdir} was built before config keys {", ".join(new_keys)} '
+            'existed; reusing it as it is (--rebuild rebuilds it).')
     if changed:
       raise UserError(
           f'{workdir} already holds a dataset built with a different config '

@@ -242,12 +242,19 @@ def test_changed_inputs_are_refused_and_leave_the_workdir_untouched(tmp_path, mo
 
 def test_old_style_done_is_reused_with_a_warning(tmp_path, monkeypatch, capsys):
   report = _small_build(tmp_path, monkeypatch)
+  # As a workdir from before fingerprints: DONE a timestamp, no text_suffixes key.
   (tmp_path / 'data' / 'DONE').write_text('2026-01-01T00:00:00+0000\n')
+  with open(tmp_path / 'data' / 'data_config.json') as f:
+    recorded = json.load(f)
+  del recorded['source']['text_suffixes']
+  with open(tmp_path / 'data' / 'data_config.json', 'w') as f:
+    json.dump(recorded, f, indent=2)
   before = _snapshot(tmp_path / 'data')
   capsys.readouterr()
   assert pipeline.run(_config(), 'data') == report
   out = capsys.readouterr().out
   assert 'predates input fingerprints' in out and 'reusing it' in out
+  assert 'before config keys source.text_suffixes existed' in out
   assert _snapshot(tmp_path / 'data') == before
 
 
