@@ -1,4 +1,6 @@
-"""Prepares a dataset: `python -m data_pipeline --config=configs/data.py:stdlib --workdir=runs/data`.
+"""Prepares a dataset.
+
+  python -m data_pipeline --config=configs/data.py:stdlib --workdir=runs/data
 
 A mistake in the input (a config value, a path, a file's contents) prints one
 `error: ...` line and exits with status 2 (`--debug` shows the traceback).

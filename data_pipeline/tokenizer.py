@@ -136,8 +136,9 @@ def train_tokenizer(
     if counts['lines'] == 0 and counts['lines_too_long']:
       raise UserError(
           f'no line to train the tokenizer on: each of the {counts["lines_too_long"]} non-empty '
-          f'lines is longer than max_sentence_length={max_sentence_length} bytes (SentencePiece\'s '
-          'limit per line); add line breaks, or drop such documents with clean.max_line_chars') from e
+          f'lines is longer than max_sentence_length={max_sentence_length} bytes '
+          "(SentencePiece's limit per line); add line breaks, or drop such documents with "
+          'clean.max_line_chars') from e
     if counts['lines'] == 0:
       raise UserError('no non-empty line of text to train the tokenizer on') from e
     minimum, maximum = _vocab_size_bounds(str(e))

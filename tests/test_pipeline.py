@@ -100,7 +100,8 @@ def test_report_counts_every_stage(built):
       'not_utf8': 1, 'empty_file': 1, 'bad_json': 1, 'missing_text_field': 1,
       'unsupported_file_type': 1, 'not_a_regular_file': 1, 'directory_link_loop': 1}
   assert stages['sources']['documents_out'] == 30 + 3 + 1 + 5 + 1
-  named = {e['where'].split(' ')[0]: e['reason'] for e in stages['sources']['details']['skipped_examples']}
+  named = {e['where'].split(' ')[0]: e['reason']
+           for e in stages['sources']['details']['skipped_examples']}
   assert named['corpus/table.json'] == 'unsupported_file_type'
   assert named['corpus/pipe.txt'] == 'not_a_regular_file'
   assert stages['clean']['dropped'] == {'too_short': 1}

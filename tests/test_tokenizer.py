@@ -160,7 +160,8 @@ def test_vocab_size_too_large_says_the_maximum_and_the_maximum_works(tmp_path, m
 
 def test_lines_over_the_limit_are_left_out_and_counted(tmp_path):
   long_line = 'word ' * 4000  # 20,000 bytes: over SentencePiece's 16,384.
-  with pytest.raises(UserError, match='each of the 1 non-empty lines is longer than max_sentence_length=16384'):
+  with pytest.raises(UserError, match='each of the 1 non-empty lines is longer than '
+                     'max_sentence_length=16384'):
     tok_lib.train_tokenizer([long_line], str(tmp_path / 't'), 300)
   stats = {}
   path = tok_lib.train_tokenizer(_corpus(20) + [long_line], str(tmp_path / 't'), 400, stats=stats)
