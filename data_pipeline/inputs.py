@@ -74,7 +74,10 @@ def fingerprint(paths: Iterable[str], hash_limit: int = HASH_LIMIT_BYTES) -> dic
   if hashed:
     for path, entry in files.items():
       if 'size' in entry:
-        entry['blake2b'] = _hash(path)
+        try:
+          entry['blake2b'] = _hash(path)
+        except OSError as e:  # The source counts it as unreadable; so does this.
+          files[path] = {'skipped': e.strerror or 'unreadable'}
   return {'version': VERSION, 'hashed': hashed, 'files': files}
 
 

@@ -71,10 +71,21 @@ def _skip(skipped: collections.Counter, reason: str, where: str) -> None:
   log('Skipping %s: %s', where, reason)
 
 
+def _read_bytes(path: str, skipped: collections.Counter) -> bytes | None:
+  """The bytes of `path`, or None (counted) if it cannot be read, e.g. no permission."""
+  try:
+    with open(path, 'rb') as f:
+      return f.read()
+  except OSError as e:
+    _skip(skipped, 'unreadable_file', f'{path} ({e.strerror})')
+    return None
+
+
 def decode_file(path: str, skipped: collections.Counter) -> str | None:
   """Returns the UTF-8 text of `path`, or None (counted) if it is not usable."""
-  with open(path, 'rb') as f:
-    data = f.read()
+  data = _read_bytes(path, skipped)
+  if data is None:
+    return None
   if not data.strip():
     _skip(skipped, 'empty_file', path)
     return None
@@ -257,8 +268,9 @@ def _record_id(record: dict, id_field: str, fallback: object) -> str:
 def jsonl_documents(path: str, skipped: collections.Counter, text_field: str,
                     id_field: str = '') -> Iterator[Document]:
   """One document per line; bad lines are skipped and counted, never fatal."""
-  with open(path, 'rb') as f:
-    data = f.read()
+  data = _read_bytes(path, skipped)
+  if data is None:
+    return
   if not data.strip():
     _skip(skipped, 'empty_file', path)
     return

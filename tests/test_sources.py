@@ -180,3 +180,21 @@ def test_fifos_and_link_loops_are_skipped_and_counted(tmp_path):
   assert skipped == {'not_a_regular_file': 1, 'symlink_loop': 1, 'broken_symlink': 1,
                      'directory_link_loop': 2}  # sub/up, seen as sub/up and also_sub/up.
   assert any(e['where'].startswith(f'{root}/pipe.txt') for e in skipped.examples)
+
+
+def test_a_file_that_cannot_be_opened_is_counted(tmp_path, monkeypatch):
+  good = _write(tmp_path / 'good.txt', b'fine text')
+  locked = _write(tmp_path / 'locked.txt', b'no permission')
+  real_open = open
+
+  def fake_open(path, *args, **kwargs):
+    if str(path) == locked:  # chmod 000 does not stop root, which runs CI.
+      raise PermissionError(13, 'Permission denied', path)
+    return real_open(path, *args, **kwargs)
+
+  monkeypatch.setattr('builtins.open', fake_open)
+  skipped = sources.Skipped()
+  docs = list(sources.file_documents(str(tmp_path), skipped))
+  assert [d.id for d in docs] == [f'file:{good}']
+  assert skipped == {'unreadable_file': 1}
+  assert skipped.examples == [{'where': f'{locked} (Permission denied)', 'reason': 'unreadable_file'}]
