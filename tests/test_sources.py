@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import contextlib
 import json
 import logging
 import os
@@ -14,6 +15,22 @@ import pytest
 
 from configs.cli import UserError
 from data_pipeline import sources
+
+
+@contextlib.contextmanager
+def _fails_if_it_hangs(seconds: int):
+  """A read that blocks or a walk that never ends becomes a failure, not a hung suite."""
+
+  def hung(*_):
+    raise TimeoutError(f'still running after {seconds} s')
+
+  previous = signal.signal(signal.SIGALRM, hung)
+  signal.alarm(seconds)
+  try:
+    yield
+  finally:
+    signal.alarm(0)
+    signal.signal(signal.SIGALRM, previous)
 
 
 def _write(path, data: bytes) -> str:
@@ -164,22 +181,29 @@ def test_fifos_and_link_loops_are_skipped_and_counted(tmp_path):
   os.symlink('..', root / 'sub' / 'up')         # A directory link into itself.
   os.symlink('sub', root / 'also_sub')          # A directory link elsewhere: followed.
   skipped = sources.Skipped()
-
-  def hung(*_):
-    raise TimeoutError('reading the corpus blocked')
-
-  previous = signal.signal(signal.SIGALRM, hung)
-  signal.alarm(10)
-  try:
+  with _fails_if_it_hangs(10):
     docs = list(sources.file_documents(f'{root},{root}/pipe.txt', skipped))
-  finally:
-    signal.alarm(0)
-    signal.signal(signal.SIGALRM, previous)
   assert sorted(d.id[len(f'file:{root}/'):] for d in docs) == [
       'a.txt', 'also_sub/b.txt', 'sub/b.txt']
   assert skipped == {'not_a_regular_file': 1, 'symlink_loop': 1, 'broken_symlink': 1,
                      'directory_link_loop': 2}  # sub/up, seen as sub/up and also_sub/up.
   assert any(e['where'].startswith(f'{root}/pipe.txt') for e in skipped.examples)
+
+
+def test_recursive_globs_do_not_follow_links_into_themselves(tmp_path, monkeypatch):
+  root = tmp_path / 'corpus'
+  (root / 'sub').mkdir(parents=True)
+  _write(root / 'a.txt', b'a document')
+  _write(root / 'sub' / 'b.txt', b'another document')
+  os.symlink('.', root / 'self')
+  os.symlink('..', root / 'sub' / 'up')  # With `self`, glob's own ** never ends.
+  skipped = collections.Counter()
+  with _fails_if_it_hangs(20):
+    docs = list(sources.file_documents(f'{root}/**/*.txt', skipped))
+  assert sorted(d.id for d in docs) == [f'file:{root}/a.txt', f'file:{root}/sub/b.txt']
+  assert skipped == {'directory_link_loop': 2}
+  monkeypatch.chdir(tmp_path)
+  assert sources.expand_paths('**/*.txt') == ['corpus/a.txt', 'corpus/sub/b.txt']
 
 
 def test_a_file_that_cannot_be_opened_is_counted(tmp_path, monkeypatch):
