@@ -56,6 +56,7 @@ def _assert_user_error(out: subprocess.CompletedProcess, *named: str) -> str:
     (_prose_files(), ['--config.dedup.threshold=2'], ['dedup.threshold=2.0']),
     (_prose_files(), ['--config.source.paths=corpus,missing_dir'], ["'missing_dir'", 'no file']),
     (_prose_files(), ['--config.source.kind=web'], ["source.kind='web'"]),
+    (_prose_files(), ['--config.source.paths='], ['source.paths is empty']),
     ({'a.txt': b'', 'b.md': b'  \n', 'c.parquet': b'text, not parquet\n'}, [],
      ['no document', 'empty_file: 2', 'not_parquet: 1', 'corpus/c.parquet']),
     (_prose_files(), ['--config.tokenizer.vocab_size=5000'],
@@ -65,7 +66,8 @@ def _assert_user_error(out: subprocess.CompletedProcess, *named: str) -> str:
     (_prose_files(), ['--config.clean.min_chars=100000'],
      ['train split is empty', 'clean 6 -> 0 (too_short: 6)']),
     (_prose_files(), ['stray_argument'], ['Unexpected arguments: stray_argument']),
-])
+], ids=['ngram_0', 'threshold_2', 'missing_path', 'unknown_kind', 'empty_paths', 'no_document',
+        'vocab_too_large', 'one_long_line', 'clean_dropped_all', 'stray_argument'])
 def test_user_mistakes_are_one_error_line(tmp_path, files, flags, named):
   _corpus(tmp_path, files)
   _assert_user_error(_cli(tmp_path, *_BASE, *flags), *named)
