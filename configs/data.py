@@ -19,9 +19,12 @@ Presets (`--config=configs/data.py:<preset>[,key=value,...]`):
           (9.4M tokens), validation 20 (81k), test 14 (50k).
           `runs/data/data_report.json` has every count.
 
-  files   Local .txt (one document per file), .jsonl (one per line, field
-          `source.text_field`, optional `source.id_field`) and .parquet
-          (column `source.text_field`) files. HTML markup is stripped.
+  files   Local text files (one document per file; the suffixes in
+          `source.text_suffixes`, by default .txt .text .md .rst), .jsonl
+          (one per line, field `source.text_field`, optional `source.id_field`)
+          and .parquet (column `source.text_field`) files; suffixes match in
+          any case. Any other file found is skipped and counted with its
+          reason in data_report.json. HTML markup is stripped.
 
             python -m data_pipeline --config=configs/data.py:files \\
               --config.source.paths='corpus/*.jsonl,notes/' --workdir=runs/mydata
@@ -33,7 +36,13 @@ Presets (`--config=configs/data.py:<preset>[,key=value,...]`):
               --config.source.text_field=text --workdir=runs/mydata
 
 The workdir then holds tokenizer.model, data_report.json, tfds/ (the
-`strata_corpus` dataset) and DONE; running again on it reuses it.
+`strata_corpus` dataset) and DONE, which records a fingerprint of the inputs.
+Running again on it reuses it if the config and the inputs are unchanged; if
+either changed, the run stops and names what changed (`--rebuild` rebuilds).
+
+Every value is checked (`validate`) when the config is built and again when
+the pipeline starts (flag overrides come after `get_config`), before anything
+is written; a value out of range is an error that names its key.
 """
 
 from __future__ import annotations
@@ -41,6 +50,15 @@ from __future__ import annotations
 import ml_collections
 
 from configs import overrides
+from configs.cli import UserError
+
+SOURCE_KINDS = ('stdlib', 'files', 'tfds')
+MODEL_TYPES = ('bpe', 'unigram')
+NORMALIZATIONS = ('', 'NFC', 'NFD', 'NFKC', 'NFKD')
+# Ids the tokenizer reserves before learning a piece: pad/unk/bos/eos, the 4
+# chat control tokens, the newline piece and 256 byte-fallback pieces
+# (data_pipeline/tokenizer.py). Duplicated here so configs import no SentencePiece.
+TOKENIZER_RESERVED_IDS = 4 + 4 + 1 + 256
 
 
 def base() -> ml_collections.ConfigDict:
@@ -54,6 +72,8 @@ def base() -> ml_collections.ConfigDict:
   config.source.tfds_name = ''
   config.source.tfds_split = 'train'
   config.source.tfds_data_dir = ''  # '' = TFDS's default (~/tensorflow_datasets).
+  # files: suffixes (any case) read as one plain-text document per file.
+  config.source.text_suffixes = '.txt,.text,.md,.rst'
 
   config.clean = ml_collections.ConfigDict()
   config.clean.normalization = 'NFC'  # unicodedata form, '' to keep text as is.
@@ -77,7 +97,65 @@ def base() -> ml_collections.ConfigDict:
   config.tokenizer = ml_collections.ConfigDict()
   config.tokenizer.vocab_size = 8192
   config.tokenizer.model_type = 'bpe'  # 'bpe' | 'unigram'
-  config.tokenizer.input_sentence_size = 2_000_000  # Lines sampled for training.
+  config.tokenizer.input_sentence_size = 2_000_000  # Lines sampled for training; 0 = all.
+  return config
+
+
+def _number(config: ml_collections.ConfigDict, key: str, low: float, high: float,
+            *, low_open: bool = False, high_open: bool = False, integer: bool = False) -> None:
+  """Checks that the dotted `key` lies in [low, high] (or open at either end)."""
+  value = config
+  for part in key.split('.'):
+    value = value[part]
+  kind = 'an integer' if integer else 'a number'
+  if isinstance(value, bool) or not isinstance(value, int if integer else (int, float)):
+    raise UserError(f'Config key {key}={value!r} must be {kind}.')
+  too_low = value <= low if low_open else value < low
+  too_high = value >= high if high_open else value > high
+  if too_low or too_high:
+    lo = f'> {low}' if low_open else f'>= {low}'
+    hi = '' if high == float('inf') else (f' and < {high}' if high_open else f' and <= {high}')
+    raise UserError(f'Config key {key}={value!r} is out of range: it must be {lo}{hi}.')
+
+
+def _choice(config: ml_collections.ConfigDict, key: str, choices: tuple[str, ...]) -> None:
+  section, name = key.split('.')
+  if config[section][name] not in choices:
+    raise UserError(f'Config key {key}={config[section][name]!r} is not one of {list(choices)}.')
+
+
+def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """Checks every value's range and choice; raises UserError naming the key."""
+  inf = float('inf')
+  _choice(config, 'source.kind', SOURCE_KINDS)
+  for suffix in str(config.source.text_suffixes).split(','):
+    if suffix.strip() and not suffix.strip().startswith('.'):
+      raise UserError(f'Config key source.text_suffixes={config.source.text_suffixes!r}: '
+                      f'{suffix.strip()!r} does not start with a dot.')
+  _choice(config, 'clean.normalization', NORMALIZATIONS)
+  _number(config, 'clean.min_chars', 0, inf, integer=True)
+  _number(config, 'clean.max_line_chars', 1, inf, integer=True)
+  _number(config, 'clean.min_alnum_fraction', 0.0, 1.0)
+  _number(config, 'clean.max_repeated_line_fraction', 0.0, 1.0)
+  # ngram 0 makes every document one empty shingle: all "near duplicates".
+  _number(config, 'dedup.ngram', 1, inf, integer=True)
+  _number(config, 'dedup.num_perm', 1, inf, integer=True)
+  # Jaccard 0 would call any two documents duplicates; above 1 none ever is.
+  _number(config, 'dedup.threshold', 0.0, 1.0, low_open=True)
+  _number(config, 'dedup.seed', 0, inf, integer=True)   # numpy seeds are non-negative.
+  _number(config, 'split.validation', 0.0, 1.0, high_open=True)
+  _number(config, 'split.test', 0.0, 1.0, high_open=True)
+  if config.split.validation + config.split.test >= 1.0:
+    raise UserError(f'Config keys split.validation={config.split.validation!r} + split.test='
+                    f'{config.split.test!r} must be < 1 to leave documents for train.')
+  _number(config, 'tokenizer.vocab_size', 1, inf, integer=True)
+  if config.tokenizer.vocab_size <= TOKENIZER_RESERVED_IDS:
+    raise UserError(
+        f'Config key tokenizer.vocab_size={config.tokenizer.vocab_size} leaves no room for '
+        f'learned pieces: {TOKENIZER_RESERVED_IDS} ids are reserved (specials, chat control '
+        f'tokens, newline, 256 bytes); use at least {TOKENIZER_RESERVED_IDS + 1}.')
+  _choice(config, 'tokenizer.model_type', MODEL_TYPES)
+  _number(config, 'tokenizer.input_sentence_size', 0, inf, integer=True)
   return config
 
 
@@ -107,4 +185,5 @@ def tfds() -> ml_collections.ConfigDict:
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  return overrides.build(arg, {'stdlib': stdlib, 'files': files, 'tfds': tfds}, 'stdlib')
+  return validate(
+      overrides.build(arg, {'stdlib': stdlib, 'files': files, 'tfds': tfds}, 'stdlib'))

@@ -126,6 +126,12 @@ def near_dedup(docs: Iterable[Document], *, ngram: int = 5, num_perm: int = 128,
                progress: Callable[[Iterable], Iterable] = lambda it: it,
                ) -> tuple[list[Document], list[tuple[str, str, float]]]:
   """Drops near duplicates; returns (kept, [(dropped id, kept id, similarity)])."""
+  # Out of range, each silently removes distinct documents or none at all
+  # (ngram=0 made 39 of 40 distinct documents "duplicates"); the config is
+  # checked too, this guards library callers.
+  if ngram < 1 or num_perm < 1 or not 0.0 < threshold <= 1.0:
+    raise ValueError(f'near_dedup: need ngram >= 1, num_perm >= 1 and 0 < threshold <= 1; '
+                     f'got ngram={ngram}, num_perm={num_perm}, threshold={threshold}')
   docs = sorted(docs, key=lambda d: d.id)
   vocab, fresh_ids = {}, itertools.count()
   shingles = [shingle_hashes(doc.text, ngram, vocab, fresh_ids) for doc in progress(docs)]

@@ -1,9 +1,11 @@
 """What each stage did, as counts: the content of `data_report.json`.
 
 Per stage: documents and UTF-8 bytes in and out, and the documents dropped by
-reason (they sum to in - out). The clean stage adds PII replacements by type,
-dedup adds examples of near-duplicate pairs, and the report ends with
-documents, bytes and tokens per split.
+reason (they sum to in - out). The sources stage names the skipped files and
+records with their reasons (the first ones), the clean stage adds PII
+replacements by type, dedup adds examples of near-duplicate pairs, and the
+report ends with documents, bytes and tokens per split. A run that fails still
+writes its report, with the stages it finished and the error.
 """
 
 from __future__ import annotations
@@ -64,6 +66,19 @@ def write(report: dict[str, Any], path: str) -> None:
     json.dump(report, f, indent=2, sort_keys=False)
     f.write('\n')
   os.replace(tmp, path)
+
+
+def what_was_dropped(report: dict[str, Any]) -> str:
+  """One line: documents in and out of each stage so far and why each was dropped.
+
+  E.g. `sources 40 -> 40; clean 40 -> 0 (too_short: 40); exact_dedup 0 -> 0`.
+  """
+  parts = []
+  for name, s in report['stages'].items():
+    dropped = ', '.join(f'{reason}: {n:,}' for reason, n in sorted(s['dropped'].items()) if n)
+    parts.append(f"{name} {s['documents_in']:,} -> {s['documents_out']:,}"
+                 + (f' ({dropped})' if dropped else ''))
+  return '; '.join(parts)
 
 
 def _table(rows: list[tuple[str, ...]]) -> list[str]:

@@ -10,9 +10,12 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Sequence
 import os
+import re
 
 import numpy as np
 import sentencepiece as spm
+
+from configs.cli import UserError
 
 PAD_ID = 0
 UNK_ID = 1
@@ -29,15 +32,30 @@ _META_SPACE = '\u2581'
 _META_SPACE_BYTES = tuple(f'<0x{b:02X}>' for b in _META_SPACE.encode('utf-8'))
 
 
-def _lines(texts: Iterable[str], counter: list[int]) -> Iterator[str]:
+def _lines(texts: Iterable[str], counts: dict[str, int],
+           max_bytes: int) -> Iterator[str]:
   # Lines are the training sentences: code lines are short, and whole files
   # would exceed max_sentence_length and be dropped. The newline itself is a
-  # user-defined piece, so it needs no statistics.
+  # user-defined piece, so it needs no statistics. Lines over max_bytes are
+  # left out here, counted, rather than by SentencePiece: if none were left,
+  # it would fail with only `[!sentences_.empty()]` to say why.
   for text in texts:
     for line in text.split(NEWLINE):
-      if line:
-        counter[0] += 1
-        yield line
+      if not line:
+        continue
+      if len(line.encode('utf-8')) > max_bytes:
+        counts['lines_too_long'] += 1
+        continue
+      counts['lines'] += 1
+      yield line
+
+
+def _vocab_size_bounds(message: str) -> tuple[int | None, int | None]:
+  """(min, max) vocab_size that SentencePiece's error says the text needs / allows."""
+  low = re.search(r'Vocabulary size is smaller than required_chars\. \d+ vs (\d+)', message)
+  high = re.search(r'Vocabulary size (?:is )?too high \(\d+\)\. Please set it to a value <= '
+                   r'(\d+)', message)
+  return (int(low.group(1)) if low else None), (int(high.group(1)) if high else None)
 
 
 def train_tokenizer(
@@ -51,6 +69,7 @@ def train_tokenizer(
     max_sentence_length: int = 16384,
     num_threads: int = 2,
     seed_sentencepiece_size: int = 1_000_000,
+    stats: dict[str, int] | None = None,
 ) -> str:
   """Trains a SentencePiece model on `texts`; returns the `.model` path.
 
@@ -67,21 +86,30 @@ def train_tokenizer(
     max_sentence_length: longest line (bytes) used for training.
     num_threads: trainer threads.
     seed_sentencepiece_size: unigram only, size of the seed vocabulary.
+    stats: if given, filled with `lines` (trained on) and `lines_too_long`
+      (over max_sentence_length bytes, left out of training; the documents
+      that hold them are still encoded whole).
+
+  Raises:
+    UserError: the text cannot give this tokenizer: no line to train on, every
+      line too long, or a vocab_size smaller than the text's characters need
+      or larger than the text allows (the message says the bound).
   """
   if model_type not in ('bpe', 'unigram'):
-    raise ValueError(f"model_type must be 'bpe' or 'unigram', got {model_type!r}")
+    raise UserError(f"model_type must be 'bpe' or 'unigram', got {model_type!r}")
   reserved = 4 + len(CONTROL_TOKENS) + 1 + 256
   if vocab_size <= reserved:
-    raise ValueError(
+    raise UserError(
         f'vocab_size={vocab_size} leaves no room for learned pieces: {reserved}'
         ' ids are reserved (specials, control tokens, newline, 256 bytes)')
   parent = os.path.dirname(model_prefix)
   if parent:
     os.makedirs(parent, exist_ok=True)
-  num_lines = [0]
+  counts = stats if stats is not None else {}
+  counts.update(lines=0, lines_too_long=0)
   try:
     spm.SentencePieceTrainer.train(
-        sentence_iterator=_lines(texts, num_lines),
+        sentence_iterator=_lines(texts, counts, max_sentence_length),
         model_prefix=model_prefix,
         vocab_size=vocab_size,
         model_type=model_type,
@@ -105,11 +133,28 @@ def train_tokenizer(
         minloglevel=2,
     )
   except RuntimeError as e:
-    if num_lines[0] == 0:
-      raise ValueError('train_tokenizer: no non-empty line of text to train on') from e
+    if counts['lines'] == 0 and counts['lines_too_long']:
+      raise UserError(
+          f'no line to train the tokenizer on: each of the {counts["lines_too_long"]} non-empty '
+          f'lines is longer than max_sentence_length={max_sentence_length} bytes '
+          "(SentencePiece's limit per line); add line breaks, or drop such documents with "
+          'clean.max_line_chars') from e
+    if counts['lines'] == 0:
+      raise UserError('no non-empty line of text to train the tokenizer on') from e
+    minimum, maximum = _vocab_size_bounds(str(e))
+    if minimum is not None:
+      raise UserError(
+          f'tokenizer.vocab_size={vocab_size} is too small for the training text: its '
+          f'characters (character_coverage={character_coverage}) and the reserved pieces need '
+          f'{minimum}; set tokenizer.vocab_size >= {minimum}') from e
+    if maximum is not None:
+      raise UserError(
+          f'tokenizer.vocab_size={vocab_size} is too large for the training text '
+          f'({counts["lines"]:,} lines): a {model_type} tokenizer can have at most {maximum} '
+          f'pieces here; set tokenizer.vocab_size <= {maximum} or train on more text') from e
     raise RuntimeError(
         f'SentencePiece training failed for {model_prefix} (vocab_size='
-        f'{vocab_size}, {num_lines[0]} lines): {e}') from e
+        f'{vocab_size}, {counts["lines"]} lines): {e}') from e
   return model_prefix + '.model'
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import random
 
 import numpy as np
+import pytest
 
 from data_pipeline import dedup
 from data_pipeline.sources import Document
@@ -113,3 +114,13 @@ def test_lsh_bands_put_the_threshold_near_the_target():
   bands, rows = dedup.lsh_params(128, 0.8)
   assert bands * rows <= 128
   assert 0.7 <= (1 / bands) ** (1 / rows) <= 0.9
+
+
+@pytest.mark.parametrize('settings', [
+    {'ngram': 0}, {'num_perm': 0}, {'threshold': 0.0}, {'threshold': 2.0}, {'threshold': -1.0},
+])
+def test_settings_out_of_range_are_refused_not_applied(settings):
+  docs = [Document(f'd{i}', _text(i), 'test') for i in range(40)]
+  assert len(dedup.near_dedup(docs)[0]) == 40  # Distinct documents.
+  with pytest.raises(ValueError, match=f'{next(iter(settings))}='):
+    dedup.near_dedup(docs, **settings)

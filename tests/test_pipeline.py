@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import collections
+import contextlib
 import json
 import os
 import random
+import signal
 import subprocess
 import sys
 
 import pytest
 
 from configs import data as data_configs
+from configs.cli import UserError
 from data_pipeline import pipeline
 from data_pipeline import sources
 from data_pipeline import split as split_lib
@@ -47,11 +50,33 @@ def _make_corpus(root) -> None:
   records.insert(2, '{"text": broken json')
   records.insert(4, json.dumps({'body': 'wrong field'}))
   (corpus / 'web.jsonl').write_text('\n'.join(records) + '\n')
+  # Every file found is read or counted: suffixes in any case, .md as text,
+  # other types, a FIFO (never opened: it would block) and a link loop.
+  (corpus / 'NOTES.MD').write_text(_prose(60))
+  (corpus / 'table.json').write_text('{"text": "json, not json lines"}')
+  os.mkfifo(corpus / 'pipe.txt')
+  os.symlink('.', corpus / 'self')
 
 
 def _config(**changes):
   arg = ','.join(['files'] + [f'{k}={v}' for k, v in {**OVERRIDES, **changes}.items()])
   return data_configs.get_config(arg)
+
+
+@contextlib.contextmanager
+def _fails_if_it_hangs(seconds: int):
+  """A blocked read (e.g. opening a FIFO) becomes a test failure, not a hung suite."""
+
+  def hung(*_):
+    raise TimeoutError(f'still running after {seconds} s: blocked on an input?')
+
+  previous = signal.signal(signal.SIGALRM, hung)
+  signal.alarm(seconds)
+  try:
+    yield
+  finally:
+    signal.alarm(0)
+    signal.signal(signal.SIGALRM, previous)
 
 
 @pytest.fixture(scope='module')
@@ -61,7 +86,8 @@ def built(tmp_path_factory):
   cwd = os.getcwd()
   os.chdir(root)  # Relative paths make stable ids: file:corpus/doc00.txt.
   try:
-    report = pipeline.run(_config(), 'data')
+    with _fails_if_it_hangs(60):
+      report = pipeline.run(_config(), 'data')
   finally:
     os.chdir(cwd)
   return root, report
@@ -71,8 +97,13 @@ def test_report_counts_every_stage(built):
   root, report = built
   stages = report['stages']
   assert stages['sources']['dropped'] == {
-      'not_utf8': 1, 'empty_file': 1, 'bad_json': 1, 'missing_text_field': 1}
-  assert stages['sources']['documents_out'] == 30 + 3 + 1 + 5
+      'not_utf8': 1, 'empty_file': 1, 'bad_json': 1, 'missing_text_field': 1,
+      'unsupported_file_type': 1, 'not_a_regular_file': 1, 'directory_link_loop': 1}
+  assert stages['sources']['documents_out'] == 30 + 3 + 1 + 5 + 1
+  named = {e['where'].split(' ')[0]: e['reason']
+           for e in stages['sources']['details']['skipped_examples']}
+  assert named['corpus/table.json'] == 'unsupported_file_type'
+  assert named['corpus/pipe.txt'] == 'not_a_regular_file'
   assert stages['clean']['dropped'] == {'too_short': 1}
   assert stages['clean']['details']['pii_replacements'] == {'EMAIL': 1, 'IP_ADDRESS': 1}
   assert stages['exact_dedup']['dropped'] == {'exact_duplicate': 1}
@@ -84,7 +115,7 @@ def test_report_counts_every_stage(built):
     assert stage['documents_in'] - stage['documents_out'] == sum(stage['dropped'].values()) or (
         stage is stages['tokenizer'])
   splits = report['splits']
-  assert sum(s['documents'] for s in splits.values()) == stages['near_dedup']['documents_out'] == 36
+  assert sum(s['documents'] for s in splits.values()) == stages['near_dedup']['documents_out'] == 37
   assert all(s['documents'] > 0 and s['tokens'] > s['documents'] for s in splits.values())
   # The tokenizer saw the train split only.
   assert stages['tokenizer']['documents_in'] == splits['train']['documents']
@@ -114,8 +145,12 @@ def test_rerun_reuses_the_finished_dataset(built, capsys):
     assert pipeline.run(_config(), 'data') == report
     assert 'reusing it' in capsys.readouterr().out
     assert os.stat(done).st_mtime_ns == before
-    with pytest.raises(ValueError, match='different config.*vocab_size'):
+    with pytest.raises(UserError, match='different config.*vocab_size'):
       pipeline.run(_config(**{'tokenizer.vocab_size': '500'}), 'data')
+    with open(done) as f:
+      inputs = json.load(f)['inputs']['files']
+    assert inputs['corpus/doc00.txt']['size'] == len(_prose(0).encode())
+    assert inputs['corpus/pipe.txt'] == {'skipped': 'not_a_regular_file'}
     assert pipeline.ensure_prepared('data') == report
   finally:
     os.chdir(cwd)
@@ -135,3 +170,115 @@ def test_cli_parses_flags_and_reuses(built):
        '--config.source.pathz=x', '--workdir=data'], cwd=root, capture_output=True, text=True,
       env=dict(os.environ, PYTHONPATH=REPO))
   assert bad.returncode != 0 and 'pathz' in bad.stderr
+
+
+def _snapshot(folder) -> dict[str, bytes]:
+  """Every file under `folder` with its bytes (and modification time)."""
+  out = {}
+  for dirpath, _, names in os.walk(folder):
+    for name in names:
+      path = os.path.join(dirpath, name)
+      with open(path, 'rb') as f:
+        out[path] = (f.read(), os.stat(path).st_mtime_ns)
+  return out
+
+
+def _small_build(tmp_path, monkeypatch, **changes) -> dict:
+  """A tiny dataset in tmp_path/data from tmp_path/corpus (12 documents)."""
+  monkeypatch.chdir(tmp_path)
+  corpus = tmp_path / 'corpus'
+  corpus.mkdir()
+  for i in range(12):
+    (corpus / f'doc{i:02d}.txt').write_text(_prose(100 + i))
+  return pipeline.run(_config(**changes), 'data')
+
+
+def _write_keeping_mtime(path, text: str, mtime_ns: int) -> None:
+  path.write_text(text)
+  os.utime(path, ns=(mtime_ns, mtime_ns))
+
+
+def test_changed_inputs_are_refused_and_leave_the_workdir_untouched(tmp_path, monkeypatch):
+  _small_build(tmp_path, monkeypatch)
+  corpus = tmp_path / 'corpus'
+  original = (corpus / 'doc03.txt').read_text()
+  mtime = os.stat(corpus / 'doc03.txt').st_mtime_ns
+  restore = lambda: _write_keeping_mtime(corpus / 'doc03.txt', original, mtime)
+  before = _snapshot(tmp_path / 'data')
+  cases = [  # (change the inputs, undo it, what the error names)
+      # Same size, same modification time: only the content hash sees it.
+      (lambda: _write_keeping_mtime(corpus / 'doc03.txt', original.replace('a', 'b', 1), mtime),
+       restore, 'corpus/doc03.txt: content changed'),
+      (lambda: (corpus / 'doc03.txt').write_text(original + 'one more line\n'),
+       restore, 'corpus/doc03.txt: size'),
+      (lambda: (corpus / 'new.md').write_text(_prose(7)),
+       lambda: os.remove(corpus / 'new.md'),
+       'corpus/new.md: new file'),
+      (lambda: os.rename(corpus / 'doc05.txt', tmp_path / 'aside.txt'),
+       lambda: os.rename(tmp_path / 'aside.txt', corpus / 'doc05.txt'),
+       'corpus/doc05.txt: gone'),
+  ]
+  for change, undo, named in cases:
+    change()
+    with pytest.raises(UserError, match=f'inputs that have changed.*{named}.*--rebuild'):
+      pipeline.run(_config(), 'data')
+    assert _snapshot(tmp_path / 'data') == before, named
+    undo()
+  # The same bytes, touched: the hash says unchanged, so it is reused.
+  os.utime(corpus / 'doc03.txt')
+  pipeline.run(_config(), 'data')
+  assert _snapshot(tmp_path / 'data') == before
+  # A changed config is refused the same way, and --rebuild replaces the dataset.
+  with pytest.raises(UserError, match='different config.*near_dedup|different config.*dedup.ngram'):
+    pipeline.run(_config(**{'dedup.ngram': '4'}), 'data')
+  assert _snapshot(tmp_path / 'data') == before
+  (corpus / 'doc03.txt').write_text(original + 'one more line\n')
+  report = pipeline.run(_config(), 'data', rebuild=True)
+  assert report['stages']['sources']['documents_out'] == 12
+  with open(tmp_path / 'data' / 'DONE') as f:
+    recorded = json.load(f)['inputs']['files']['corpus/doc03.txt']
+  assert recorded['size'] == len((original + 'one more line\n').encode())
+  assert pipeline.run(_config(), 'data') == report  # Reused: inputs as recorded.
+
+
+def test_old_style_done_is_reused_with_a_warning(tmp_path, monkeypatch, capsys):
+  report = _small_build(tmp_path, monkeypatch)
+  # As a workdir from before fingerprints: DONE a timestamp, no text_suffixes key.
+  (tmp_path / 'data' / 'DONE').write_text('2026-01-01T00:00:00+0000\n')
+  with open(tmp_path / 'data' / 'data_config.json') as f:
+    recorded = json.load(f)
+  del recorded['source']['text_suffixes']
+  with open(tmp_path / 'data' / 'data_config.json', 'w') as f:
+    json.dump(recorded, f, indent=2)
+  before = _snapshot(tmp_path / 'data')
+  capsys.readouterr()
+  assert pipeline.run(_config(), 'data') == report
+  out = capsys.readouterr().out
+  assert 'predates input fingerprints' in out and 'reusing it' in out
+  assert 'before config keys source.text_suffixes existed' in out
+  assert _snapshot(tmp_path / 'data') == before
+
+
+def test_a_failed_run_says_which_stage_dropped_what_and_writes_its_report(tmp_path, monkeypatch):
+  with pytest.raises(UserError, match=r'train split is empty: sources 12 -> 12; '
+                     r'clean 12 -> 0 \(too_short: 12\)'):
+    _small_build(tmp_path, monkeypatch, **{'clean.min_chars': '100000'})
+  with open(tmp_path / 'data' / 'data_report.json') as f:
+    report = json.load(f)
+  assert 'train split is empty' in report['error']
+  assert report['stages']['clean']['dropped'] == {'too_short': 12}
+  assert not os.path.exists(tmp_path / 'data' / 'DONE')
+
+
+@pytest.mark.parametrize('key, value', [
+    ('dedup.ngram', 0), ('dedup.num_perm', 0), ('dedup.threshold', 0.0),
+    ('dedup.threshold', 2.0), ('split.test', -0.1), ('clean.max_line_chars', 0),
+    ('tokenizer.vocab_size', 10),
+])
+def test_nonsense_settings_set_after_get_config_stop_before_writing(tmp_path, key, value):
+  config = _config()
+  section, name = key.split('.')
+  config[section][name] = value  # As a --config.x.y flag does, after get_config.
+  with pytest.raises(UserError, match=rf'{key}='):
+    pipeline.run(config, str(tmp_path / 'data'))
+  assert not os.path.exists(tmp_path / 'data')

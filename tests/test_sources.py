@@ -3,14 +3,34 @@
 from __future__ import annotations
 
 import collections
+import contextlib
 import json
 import logging
+import os
+import signal
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from configs.cli import UserError
 from data_pipeline import sources
+
+
+@contextlib.contextmanager
+def _fails_if_it_hangs(seconds: int):
+  """A read that blocks or a walk that never ends becomes a failure, not a hung suite."""
+
+  def hung(*_):
+    raise TimeoutError(f'still running after {seconds} s')
+
+  previous = signal.signal(signal.SIGALRM, hung)
+  signal.alarm(seconds)
+  try:
+    yield
+  finally:
+    signal.alarm(0)
+    signal.signal(signal.SIGALRM, previous)
 
 
 def _write(path, data: bytes) -> str:
@@ -33,7 +53,7 @@ def test_bad_files_skipped_counted_and_named_in_the_log(tmp_path, caplog):
   _write(tmp_path / 'empty.txt', b'')
   _write(tmp_path / 'blank.txt', b'  \n\n')
   _write(tmp_path / 'binary.txt', b'abc\x00\x01\x02')
-  _write(tmp_path / 'notes.md', b'not a supported type')
+  _write(tmp_path / 'notes.json', b'{"not": "a supported type"}')
   skipped = collections.Counter()
   with caplog.at_level(logging.WARNING):
     docs = list(sources.file_documents([str(tmp_path / '*')], skipped))
@@ -81,12 +101,12 @@ def test_parquet_text_column(tmp_path):
   assert [(d.id, d.text) for d in docs] == [(f'file:{path}#k1', 'one doc'),
                                             (f'file:{path}#k3', 'two doc')]
   assert skipped == {'text_not_a_string': 1}
-  with pytest.raises(KeyError, match='no column'):
+  with pytest.raises(UserError, match='no column'):
     list(sources.file_documents(path, skipped, text_field='body'))
 
 
 def test_paths_that_match_nothing_are_an_error(tmp_path):
-  with pytest.raises(FileNotFoundError, match='nothing_here'):
+  with pytest.raises(UserError, match='nothing_here'):
     list(sources.file_documents(str(tmp_path / 'nothing_here*.txt'), collections.Counter()))
   with pytest.raises(ValueError, match='empty'):
     list(sources.file_documents('', collections.Counter()))
@@ -114,5 +134,91 @@ def test_tfds_unknown_or_unprepared_dataset_is_a_clear_error(tmp_path):
     list(sources.tfds_documents('no_such_dataset_xyz', 'train', collections.Counter(),
                                 data_dir=str(tmp_path)))
   assert '\n' not in str(e.value)
-  with pytest.raises(FileNotFoundError, match=f"'mnist'.*{tmp_path}.*not prepared"):
+  with pytest.raises(UserError, match=f"'mnist'.*{tmp_path}.*not prepared"):
     list(sources.tfds_documents('mnist', 'train', collections.Counter(), data_dir=str(tmp_path)))
+
+
+@pytest.mark.parametrize('name, kind', [
+    ('a.txt', 'text'), ('B.TXT', 'text'), ('c.md', 'text'), ('f.text', 'text'),
+    ('g.Rst', 'text'), ('e.Jsonl', 'jsonl'), ('p.PARQUET', 'parquet'),
+    ('d.json', ''), ('noext', ''), ('x.txt.gz', ''),
+])
+def test_file_type_by_suffix_in_any_case(tmp_path, name, kind):
+  path = _write(tmp_path / name, b'x')
+  assert sources.file_type(path) == (kind, '' if kind else 'unsupported_file_type')
+
+
+def test_every_file_in_a_folder_is_read_or_counted(tmp_path):
+  for name in ('a.txt', 'B.TXT', 'c.md', 'f.text'):
+    _write(tmp_path / name, f'text of {name}'.encode())
+  _write(tmp_path / 'd.json', b'{"text": "json, not json lines"}')
+  _write(tmp_path / 'e.Jsonl', json.dumps({'text': 'a record'}).encode())
+  _write(tmp_path / 'notes.parquet', b'a text file with the wrong name')
+  skipped = sources.Skipped()
+  docs = list(sources.file_documents(str(tmp_path), skipped))
+  assert sorted(d.id.rsplit('/', 1)[1] for d in docs) == [
+      'B.TXT', 'a.txt', 'c.md', 'e.Jsonl#1', 'f.text']
+  assert skipped == {'unsupported_file_type': 1, 'not_parquet': 1}
+  # The report names each skipped file with its reason.
+  where = {e['reason']: e['where'] for e in skipped.examples}
+  assert 'd.json' in where['unsupported_file_type']
+  assert 'notes.parquet' in where['not_parquet'] and 'not a parquet file' in where['not_parquet']
+  # The config decides what is text: .md only as text, here.
+  skipped = collections.Counter()
+  docs = list(sources.file_documents(str(tmp_path), skipped, text_suffixes='.MD'))
+  assert sorted(d.id.rsplit('/', 1)[1] for d in docs) == ['c.md', 'e.Jsonl#1']
+  assert skipped['unsupported_file_type'] == 4
+
+
+def test_fifos_and_link_loops_are_skipped_and_counted(tmp_path):
+  root = tmp_path / 'corpus'
+  (root / 'sub').mkdir(parents=True)
+  _write(root / 'a.txt', b'a document')
+  _write(root / 'sub' / 'b.txt', b'another document')
+  os.mkfifo(root / 'pipe.txt')        # Opening it would block forever.
+  os.symlink('loop.txt', root / 'loop.txt')     # A link to itself.
+  os.symlink('missing.txt', root / 'dangling.txt')
+  os.symlink('..', root / 'sub' / 'up')         # A directory link into itself.
+  os.symlink('sub', root / 'also_sub')          # A directory link elsewhere: followed.
+  skipped = sources.Skipped()
+  with _fails_if_it_hangs(10):
+    docs = list(sources.file_documents(f'{root},{root}/pipe.txt', skipped))
+  assert sorted(d.id[len(f'file:{root}/'):] for d in docs) == [
+      'a.txt', 'also_sub/b.txt', 'sub/b.txt']
+  assert skipped == {'not_a_regular_file': 1, 'symlink_loop': 1, 'broken_symlink': 1,
+                     'directory_link_loop': 2}  # sub/up, seen as sub/up and also_sub/up.
+  assert any(e['where'].startswith(f'{root}/pipe.txt') for e in skipped.examples)
+
+
+def test_recursive_globs_do_not_follow_links_into_themselves(tmp_path, monkeypatch):
+  root = tmp_path / 'corpus'
+  (root / 'sub').mkdir(parents=True)
+  _write(root / 'a.txt', b'a document')
+  _write(root / 'sub' / 'b.txt', b'another document')
+  os.symlink('.', root / 'self')
+  os.symlink('..', root / 'sub' / 'up')  # With `self`, glob's own ** never ends.
+  skipped = collections.Counter()
+  with _fails_if_it_hangs(20):
+    docs = list(sources.file_documents(f'{root}/**/*.txt', skipped))
+  assert sorted(d.id for d in docs) == [f'file:{root}/a.txt', f'file:{root}/sub/b.txt']
+  assert skipped == {'directory_link_loop': 2}
+  monkeypatch.chdir(tmp_path)
+  assert sources.expand_paths('**/*.txt') == ['corpus/a.txt', 'corpus/sub/b.txt']
+
+
+def test_a_file_that_cannot_be_opened_is_counted(tmp_path, monkeypatch):
+  good = _write(tmp_path / 'good.txt', b'fine text')
+  locked = _write(tmp_path / 'locked.txt', b'no permission')
+  real_open = open
+
+  def fake_open(path, *args, **kwargs):
+    if str(path) == locked:  # chmod 000 does not stop root, which runs CI.
+      raise PermissionError(13, 'Permission denied', path)
+    return real_open(path, *args, **kwargs)
+
+  monkeypatch.setattr('builtins.open', fake_open)
+  skipped = sources.Skipped()
+  docs = list(sources.file_documents(str(tmp_path), skipped))
+  assert [d.id for d in docs] == [f'file:{good}']
+  assert skipped == {'unreadable_file': 1}
+  assert skipped.examples == [{'where': f'{locked} (Permission denied)', 'reason': 'unreadable_file'}]

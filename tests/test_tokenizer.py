@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import random
+import re
 
 import pytest
 import sentencepiece as spm
 
+from configs.cli import UserError
 from data_pipeline import tokenizer as tok_lib
 
 _CODE = '''\
@@ -142,3 +144,40 @@ def test_bad_inputs_give_clear_errors(tmp_path):
     tok_lib.train_tokenizer(['abc'], str(tmp_path / 't'), vocab_size=100)
   with pytest.raises(ValueError, match='model_type'):
     tok_lib.train_tokenizer(['abc'], str(tmp_path / 't'), 400, model_type='wordpiece')
+
+
+@pytest.mark.parametrize('model_type', ['bpe', 'unigram'])
+def test_vocab_size_too_large_says_the_maximum_and_the_maximum_works(tmp_path, model_type):
+  docs = _corpus(20)
+  with pytest.raises(UserError, match='vocab_size=5000 is too large') as e:
+    tok_lib.train_tokenizer(docs, str(tmp_path / 't'), 5000, model_type)
+  assert '[' not in str(e.value)  # None of SentencePiece's check syntax.
+  maximum = int(re.search(r'at most (\d+) pieces', str(e.value)).group(1))
+  assert tok_lib.CONTROL_TOKENS and 265 < maximum < 5000
+  path = tok_lib.train_tokenizer(docs, str(tmp_path / 't'), maximum, model_type)
+  assert tok_lib.Tokenizer.load(path).vocab_size == maximum
+
+
+def test_lines_over_the_limit_are_left_out_and_counted(tmp_path):
+  long_line = 'word ' * 4000  # 20,000 bytes: over SentencePiece's 16,384.
+  with pytest.raises(UserError, match='each of the 1 non-empty lines is longer than '
+                     'max_sentence_length=16384'):
+    tok_lib.train_tokenizer([long_line], str(tmp_path / 't'), 300)
+  stats = {}
+  path = tok_lib.train_tokenizer(_corpus(20) + [long_line], str(tmp_path / 't'), 400, stats=stats)
+  assert stats['lines_too_long'] == 1 and stats['lines'] > 20
+  tok = tok_lib.Tokenizer.load(path)
+  assert tok.decode(tok.encode(long_line)) == long_line  # Still encoded whole.
+
+
+def test_reserved_ids_agree_with_the_config_check():
+  from configs import data as data_configs  # pylint: disable=g-import-not-at-top
+  assert data_configs.TOKENIZER_RESERVED_IDS == 4 + len(tok_lib.CONTROL_TOKENS) + 1 + 256
+
+
+def test_vocab_size_below_the_characters_says_the_minimum(tmp_path):
+  text = ''.join(chr(0x4E00 + i) for i in range(200))  # 200 distinct characters.
+  with pytest.raises(UserError, match=r'vocab_size=300 is too small .* need (\d+)') as e:
+    tok_lib.train_tokenizer([text[i:i + 20] for i in range(0, 200, 5)], str(tmp_path / 't'), 300)
+  minimum = int(re.search(r'need (\d+)', str(e.value)).group(1))
+  assert 300 < minimum
