@@ -1,0 +1,114 @@
+"""Supervised fine-tuning configs: instruction following, loss on assistant turns only.
+
+Presets (`configs/sft.py:<preset>[,key=value,...]`):
+
+  tiny  fine-tunes the `tiny` pre-training run on the embedded stdlib
+        instructions (for each documented function: "write `name(args)` that
+        <docstring>" -> its source), 3 epochs, seq 256, batch 16, packed.
+          python -m train.sft --config=configs/sft.py:tiny --workdir=runs/sft \\
+              --config.init_from=runs/tiny
+        Hardware: 2 CPU cores. The model shape comes from `init_from` (empty:
+        from scratch, the `tiny` shape). Wall time and results: see the README's
+        fine-tuning table (measured, with the commands).
+  1b, 7b  the pre-training presets' shapes on TPU (bf16, full remat, FSDP),
+        fine-tuning a run of the same shape (`--config.init_from=gs://.../1b`)
+        on JSONL instructions: `--config.data.source=files
+        --config.data.paths=gs://bucket/sft/*.jsonl`. Expect the response loss
+        to fall within the first few hundred steps; sized for a v5p-32.
+
+Data (`data.*`): `source` 'stdlib' (the embedded default) or 'files' (JSONL in
+the formats of data_pipeline/instructions.py: messages, prompt/completion,
+instruction/input/output; bad records are skipped and counted in
+`<data.workdir>/sft_report.json`). The examples are rendered with the chat
+template (data_pipeline/chat.py) using `data.tokenizer`, the pre-trained
+model's tokenizer, and built once into `data.workdir`. `validation`/`test`
+are the held-out fractions by module id, the same as the pre-training data's
+so a held-out function's module was never in pre-training's train split.
+
+Every other key is the pre-training config's (configs/pretrain.py), with the
+same meaning and checks; `init_from` names a run directory whose parameters
+start the fine-tuning (optimizer state fresh).
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+from configs import overrides
+from configs import pretrain
+from configs import validation as v
+from configs.cli import UserError
+
+
+def _sft(base: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  config = base
+  config.init_from = ''
+  config.chat = True   # generate and evaluate render prompts with the chat template
+  config.data = ml_collections.ConfigDict(dict(
+      workdir='runs/sft_data', preset='sft', source='stdlib', paths='',
+      tokenizer='runs/data/tokenizer.model', validation=0.02, test=0.04))
+  config.num_train_steps = 0
+  config.num_epochs = 3
+  config.patience = 0
+  return config
+
+
+def tiny() -> ml_collections.ConfigDict:
+  config = _sft(pretrain.tiny())
+  config.optimizer.learning_rate = 1e-3
+  config.optimizer.warmup_steps = 20
+  config.eval_every = 100
+  config.eval_steps = -1           # the whole validation split
+  config.checkpoint_every = 100
+  config.log_every = 10
+  return config
+
+
+def one_b() -> ml_collections.ConfigDict:
+  config = _sft(pretrain.one_b())
+  config.data.source = 'files'
+  config.data.tokenizer = 'runs/data/tokenizer.model'
+  config.optimizer.learning_rate = 2e-5
+  config.optimizer.warmup_steps = 100
+  config.optimizer.weight_decay = 0.0
+  config.batch_size = 64
+  config.eval_every = 200
+  config.checkpoint_every = 500
+  return config
+
+
+def seven_b() -> ml_collections.ConfigDict:
+  config = _sft(pretrain.seven_b())
+  config.data.source = 'files'
+  config.optimizer.learning_rate = 1e-5
+  config.optimizer.warmup_steps = 100
+  config.optimizer.weight_decay = 0.0
+  config.batch_size = 64
+  config.eval_every = 200
+  config.checkpoint_every = 500
+  return config
+
+
+PRESETS = {'tiny': tiny, '1b': one_b, '7b': seven_b}
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  return overrides.build(arg, PRESETS, default_preset='tiny')
+
+
+RULES: tuple[v.Rule, ...] = (
+    ('data.source', lambda s: s in ('stdlib', 'files'), "'stdlib' or 'files'"),
+    ('data.validation', v.is_number(0.0, 0.5), 'a number in [0, 0.5]'),
+    ('data.test', v.is_number(0.0, 0.5), 'a number in [0, 0.5]'),
+)
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+  if 'init_from' not in config or 'source' not in config.get('data', {}):
+    raise UserError(f'This is not an SFT config (preset {config.get("preset", "?")!r}): '
+                    '`python -m train.sft` takes --config=configs/sft.py:PRESET.')
+  v.check(config, RULES)
+  if config.data.source == 'files' and not config.data.paths:
+    raise UserError('config key data.paths is empty but data.source=files: give the JSONL '
+                    'files, e.g. --config.data.paths=data/sft/*.jsonl.')
+  pretrain.validate(config)
