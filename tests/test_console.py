@@ -137,6 +137,7 @@ def test_prompts_file_errors_name_the_file(tmp_path):
     generate.read_prompts([], missing)
   with open(missing, 'w') as f:
     f.write('def parse(\n\nreturn a\\nb\n')
-  assert generate.read_prompts(['x'], missing) == ['x', 'def parse(', 'return a\nb']
+  assert [p['prompt'] for p in generate.read_prompts(['x'], missing)] == [
+      'x', 'def parse(', 'return a\nb']
   with pytest.raises(cli.UserError, match='give --prompt'):
     generate.read_prompts([], None)

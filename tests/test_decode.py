@@ -198,6 +198,6 @@ def test_generate_cli_prompts_samples_and_format(model_and_params):
   new_ids = [int(t) for t, m in zip(direct.tokens[0], direct.mask[0]) if m and t != 3]
   assert samples[0]['completion'] == samples[1]['completion'] == tokenizer.decode(new_ids)
   assert samples[0]['num_tokens'] == int(direct.lengths[0])
-  assert samples[0]['stopped_at_eos'] == bool(direct.done[0])
+  assert samples[0]['stopped'] == bool(direct.done[0])
   text = generate_cli.format_sample(samples[0], 0, 4)
   assert '----- prompt -----\nb\n----- completion -----\n' in text

@@ -44,9 +44,11 @@ import tqdm
 
 from configs import cli
 from data_pipeline import loader as loader_lib
+from data_pipeline import sft_data
 from data_pipeline import shards
 from data_pipeline import tokenizer as tokenizer_lib
 from train import checkpoint as checkpoint_lib
+from train import code_checks
 from train import console
 from train import distributed
 from train import mesh as mesh_lib
@@ -103,7 +105,15 @@ def evaluate_split(config: Any, model: Any, params: Any, mesh: jax.sharding.Mesh
   seconds = time.perf_counter() - start
 
   nats, num_tokens = result['nats'], int(result['num_tokens'])
-  expected = stats['tokens'] + stats['documents']  # every token plus each EOS
+  framing, _ = shards.layout(data_dir)
+  if framing == 'sequence':
+    # Conversations: only the masked-in (response) tokens are targets and the
+    # bytes are the responses' (data_pipeline/sft_data.py), so loss, perplexity
+    # and bits per byte are the response's; examples are never cut.
+    expected, unigram = num_tokens, None
+  else:
+    expected = stats['tokens'] + stats['documents']  # every token plus each EOS
+    unigram = unigram_baseline(data_dir, split, model.config.vocab_size)
   unpredicted = expected - num_tokens
   bits_per_byte = nats / total_bytes / math.log(2) if total_bytes else float('nan')
   return {
@@ -113,7 +123,7 @@ def evaluate_split(config: Any, model: Any, params: Any, mesh: jax.sharding.Mesh
       'bits_per_byte': bits_per_byte,
       'bits_per_byte_extrapolated': (result['loss'] * expected / total_bytes / math.log(2)
                                      if total_bytes else float('nan')),
-      'unigram_loss': unigram_baseline(data_dir, split, model.config.vocab_size),
+      'unigram_loss': unigram,
       'nats': nats,
       'num_tokens': num_tokens,
       'unpredicted_tokens': unpredicted,
@@ -122,6 +132,41 @@ def evaluate_split(config: Any, model: Any, params: Any, mesh: jax.sharding.Mesh
       'seq_len': seq_len,
       'batch_size': batch_size,
       'seconds': seconds,
+  }
+
+
+def functional_metrics(config: Any, model: Any, params: Any, tokenizer: Any,
+                       mesh: jax.sharding.Mesh, *, data_dir: str, split: str,
+                       max_new_tokens: int = 256, limit: int | None = None) -> dict[str, Any]:
+  """Generates (greedy) an answer to every held-out instruction and checks it with `ast`.
+
+  `parse_rate`: the fraction whose answer parses; `parse_and_name_rate`: the
+  fraction that parse and define the requested function at top level. The
+  code is never executed. The prompts are the SFT data's (`prompts_<split>.jsonl`).
+  """
+  from train import generate  # pylint: disable=g-import-not-at-top
+  prompts = [p for p in sft_data.read_prompts(data_dir, split) if p.get('function_name')]
+  if limit:
+    prompts = prompts[:limit]
+  if not prompts:
+    raise cli.UserError(f'{data_dir} has no {split} instruction with a function name to check.')
+  room = model.config.max_len - max(
+      len(generate.encode_prompt(config, tokenizer, p)) for p in prompts)
+  start = time.perf_counter()
+  samples = generate.sample_completions(
+      config, model, params, tokenizer, mesh, prompts,
+      max_new_tokens=max(1, min(max_new_tokens, room)), greedy=True)
+  checks = [code_checks.check_completion(s['completion'], s['function_name']) for s in samples]
+  return {
+      'functional_split': split,
+      'num_prompts': len(samples),
+      'parse_rate': sum(c.parses for c in checks) / len(checks),
+      'parse_and_name_rate': sum(c.defines_name for c in checks) / len(checks),
+      'stopped_rate': sum(s['stopped'] for s in samples) / len(samples),
+      'functional_seconds': time.perf_counter() - start,
+      'examples': [{'function_name': s['function_name'], 'completion': s['completion'][:400],
+                    'parses': c.parses, 'defines_name': c.defines_name}
+                   for s, c in list(zip(samples, checks))[:5]],
   }
 
 
@@ -180,6 +225,10 @@ def define_flags() -> None:
   flags.DEFINE_string('data_dir', None, 'Data workdir (default: the run\'s data.workdir).')
   flags.DEFINE_integer('seq_len', None, 'Row length (default: the run\'s seq_len).')
   flags.DEFINE_integer('batch_size', None, 'Global batch size (default: the run\'s).')
+  flags.DEFINE_bool('functional', False, 'Also generate an answer to every held-out instruction '
+                    '(a chat-tuned run) and report parse_rate and parse_and_name_rate (the code '
+                    'is parsed with ast, never run).')
+  flags.DEFINE_integer('max_new_tokens', 256, 'With --functional: tokens per answer at most.')
 
 
 def main(argv: Sequence[str]) -> None:
@@ -193,7 +242,7 @@ def main(argv: Sequence[str]) -> None:
     raise cli.UserError(f'--workdir={FLAGS.workdir} is not a training run directory '
                         f'(no {run_dir.CONFIG_FILE} in it)')
   try:
-    config, model, params, _, mesh = run_dir.load_run(FLAGS.workdir, FLAGS.step)
+    config, model, params, tokenizer, mesh = run_dir.load_run(FLAGS.workdir, FLAGS.step)
   except checkpoint_lib.CheckpointError as e:  # no such --step, none saved, or unreadable
     raise cli.UserError(e) from e
   try:
@@ -204,6 +253,13 @@ def main(argv: Sequence[str]) -> None:
                           seq_len=FLAGS.seq_len, batch_size=FLAGS.batch_size)
   result['step'] = int(config.checkpoint_step)
   result['data_dir'] = paths.resolve_str(data_dir)
+  if FLAGS.functional:
+    if not config.get('chat', False):
+      raise cli.UserError(f'--functional needs a chat-tuned run (SFT or later); {FLAGS.workdir} '
+                          'is not one.')
+    result.update(functional_metrics(config, model, params, tokenizer, mesh,
+                                     data_dir=data_dir, split=FLAGS.split,
+                                     max_new_tokens=FLAGS.max_new_tokens))
   if jax.process_index() != 0:
     return
   print(f'{FLAGS.workdir} step {result["step"]}, split {FLAGS.split}: '
@@ -214,6 +270,10 @@ def main(argv: Sequence[str]) -> None:
     print(f'{result["unpredicted_tokens"]} tokens were not predicted (first token of a piece of a '
           f'document longer than seq_len={result["seq_len"]}); with them at the mean loss: '
           f'{result["bits_per_byte_extrapolated"]:.4f} bits/byte.')
+  if FLAGS.functional:
+    print(f'functional, {result["num_prompts"]} held-out instructions: parse_rate '
+          f'{result["parse_rate"]:.3f} | parse_and_name_rate {result["parse_and_name_rate"]:.3f}'
+          f' | stopped at <|end|> {result["stopped_rate"]:.3f}')
   path = epath.Path(FLAGS.workdir) / f'eval_{FLAGS.split}.json'
   path.write_text(json.dumps(result, indent=2))
   print(f'wrote {path}')
