@@ -201,3 +201,16 @@ def test_generate_cli_prompts_samples_and_format(model_and_params):
   assert samples[0]['stopped'] == bool(direct.done[0])
   text = generate_cli.format_sample(samples[0], 0, 4)
   assert '----- prompt -----\nb\n----- completion -----\n' in text
+
+
+def test_generation_stops_at_any_of_several_stop_ids(model_and_params):
+  """A chat model stops at <|end|> or EOS: the row is done at the first of either."""
+  model, params = model_and_params
+  free = decode.generate(model, params, [[2, 5], [2, 7]], max_new_tokens=NEW,
+                         rng=jax.random.key(0), greedy=True, eos_id=None)
+  first = [int(free.tokens[0][0]), int(free.tokens[1][1])]   # what each row emits, greedily
+  out = decode.generate(model, params, [[2, 5], [2, 7]], max_new_tokens=NEW,
+                        rng=jax.random.key(0), greedy=True, eos_id=tuple(first))
+  assert bool(out.done[0]) and int(out.lengths[0]) == 1
+  assert bool(out.done[1]) and int(out.lengths[1]) <= 2
+  assert decode.stop_ids(3) == (3,) and decode.stop_ids((7, 3)) == (7, 3)

@@ -180,3 +180,35 @@ def test_large_presets_build_abstract_state(preset, expected):
   assert count == num_params(ModelConfig.from_config(config.model))
   assert abs(count - expected) / expected < 1e-3, count
   assert jax.tree.structure(shardings) == jax.tree.structure(abstract)
+
+
+def test_a_frozen_tree_is_passed_through_never_donated_or_changed(reference):
+  """A stage's frozen tree (e.g. a reference model) enters the loss but never the update."""
+  from train import objectives  # pylint: disable=g-import-not-at-top
+  config, model, mesh = reference['config'], reference['model'], reference['mesh']
+  shardings = reference['shardings']
+  frozen = jax.device_put(jax.tree.map(lambda x: x + 1.0, reference['init'].params),
+                          shardings.params)
+  before = jax.device_get(frozen)
+  base = objectives.next_token(model)
+
+  def loss_fn(params, batch, rng, frozen_tree):
+    # Pull towards the frozen tree: its gradient flows to params only.
+    sum_loss, aux = base(params, batch, rng, None)
+    pull = sum(jnp.sum((p - f) ** 2) for p, f in zip(jax.tree.leaves(params),
+                                                     jax.tree.leaves(frozen_tree)))
+    return sum_loss + pull * aux['count'], dict(aux, pull=pull * aux['count'])
+
+  step = steps.make_train_step(
+      config, model, mesh, shardings,
+      mesh_lib.batch_sharding(mesh, mesh_lib.logical_rules(config.mesh)),
+      loss_fn=loss_fn, frozen=frozen, frozen_shardings=shardings.params)
+  state = jax.device_put(reference['init'], shardings)
+  for seed in range(2):
+    state, metrics = step(state, check.make_batch(config, seed))
+  assert float(metrics['train/pull']) > 0
+  assert not any(x.is_deleted() for x in jax.tree.leaves(frozen))
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(frozen), before)
+  # The params moved towards it: the pull term shrank.
+  assert not np.allclose(jax.device_get(state.params['embed']['embedding']),
+                         reference['init'].params['embed']['embedding'])
