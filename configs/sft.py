@@ -64,29 +64,24 @@ def tiny() -> ml_collections.ConfigDict:
   return config
 
 
-def one_b() -> ml_collections.ConfigDict:
-  config = _sft(pretrain.one_b())
+def _tpu(config: ml_collections.ConfigDict, learning_rate: float) -> ml_collections.ConfigDict:
+  """The large presets: the user's JSONL instructions, a small constant-ish learning rate."""
   config.data.source = 'files'
-  config.data.tokenizer = 'runs/data/tokenizer.model'
-  config.optimizer.learning_rate = 2e-5
+  config.optimizer.learning_rate = learning_rate
   config.optimizer.warmup_steps = 100
   config.optimizer.weight_decay = 0.0
   config.batch_size = 64
   config.eval_every = 200
   config.checkpoint_every = 500
   return config
+
+
+def one_b() -> ml_collections.ConfigDict:
+  return _tpu(_sft(pretrain.one_b()), 2e-5)
 
 
 def seven_b() -> ml_collections.ConfigDict:
-  config = _sft(pretrain.seven_b())
-  config.data.source = 'files'
-  config.optimizer.learning_rate = 1e-5
-  config.optimizer.warmup_steps = 100
-  config.optimizer.weight_decay = 0.0
-  config.batch_size = 64
-  config.eval_every = 200
-  config.checkpoint_every = 500
-  return config
+  return _tpu(_sft(pretrain.seven_b()), 1e-5)
 
 
 PRESETS = {'tiny': tiny, '1b': one_b, '7b': seven_b}

@@ -47,7 +47,6 @@ from data_pipeline import loader as loader_lib
 from data_pipeline import sft_data
 from data_pipeline import shards
 from data_pipeline import tokenizer as tokenizer_lib
-from train import checkpoint as checkpoint_lib
 from train import code_checks
 from train import console
 from train import distributed
@@ -238,13 +237,7 @@ def main(argv: Sequence[str]) -> None:
   distributed.initialize_from_flags()
   console.quiet_libraries()
   from train import run_dir  # pylint: disable=g-import-not-at-top
-  if not (epath.Path(FLAGS.workdir) / run_dir.CONFIG_FILE).exists():
-    raise cli.UserError(f'--workdir={FLAGS.workdir} is not a training run directory '
-                        f'(no {run_dir.CONFIG_FILE} in it)')
-  try:
-    config, model, params, tokenizer, mesh = run_dir.load_run(FLAGS.workdir, FLAGS.step)
-  except checkpoint_lib.CheckpointError as e:  # no such --step, none saved, or unreadable
-    raise cli.UserError(e) from e
+  config, model, params, tokenizer, mesh = run_dir.open_run(FLAGS.workdir, FLAGS.step)
   try:
     data_dir = _data_dir(config, FLAGS.workdir, FLAGS.data_dir)
   except FileNotFoundError as e:  # its message names the places it looked and --data_dir

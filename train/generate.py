@@ -31,7 +31,6 @@ import numpy as np
 from configs import cli
 from data_pipeline import chat
 from model import decode
-from train import checkpoint as checkpoint_lib
 from train import console
 from train import distributed
 from train import mesh as mesh_lib
@@ -204,13 +203,7 @@ def main(argv: Sequence[str]) -> None:
   console.quiet_libraries()
   prompts = read_prompts(FLAGS.prompt, FLAGS.prompts_file)
   from train import run_dir  # pylint: disable=g-import-not-at-top
-  if not (epath.Path(FLAGS.workdir) / run_dir.CONFIG_FILE).exists():
-    raise cli.UserError(f'--workdir={FLAGS.workdir} is not a training run directory '
-                        f'(no {run_dir.CONFIG_FILE} in it)')
-  try:
-    config, model, params, tokenizer, mesh = run_dir.load_run(FLAGS.workdir, FLAGS.step)
-  except checkpoint_lib.CheckpointError as e:  # no such --step, none saved, or unreadable
-    raise cli.UserError(e) from e
+  config, model, params, tokenizer, mesh = run_dir.open_run(FLAGS.workdir, FLAGS.step)
   if tokenizer is None:
     raise cli.UserError(f'no tokenizer.model in {FLAGS.workdir} or its data workdir '
                         f'{config.data.workdir}')

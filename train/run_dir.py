@@ -90,3 +90,16 @@ def load_run(workdir: str, step: int | None = None) -> tuple[
   else:
     logging.warning('No tokenizer found for run %s.', workdir)
   return config, model, params, tokenizer, mesh
+
+
+def open_run(workdir: str, step: int | None = None) -> tuple[
+    ml_collections.ConfigDict, transformer.Transformer, Any, Any, jax.sharding.Mesh]:
+  """`load_run` for an entry point: a workdir that is not a run, or a step that cannot be
+  restored, is a one-line UserError."""
+  if not (epath.Path(workdir) / CONFIG_FILE).exists():
+    raise UserError(f'--workdir={workdir} is not a training run directory '
+                    f'(no {CONFIG_FILE} in it)')
+  try:
+    return load_run(workdir, step)
+  except checkpoint_lib.CheckpointError as e:  # no such step, none saved, or unreadable
+    raise UserError(str(e)) from e
