@@ -90,6 +90,8 @@ def _base() -> ml_collections.ConfigDict:
   config.checkpoint_every = 500
   config.keep_checkpoints = 2
   config.patience = 0             # evaluations without improvement; 0 = never stop early
+  config.best_metric = 'loss'     # the evaluation metric "best" checkpoints and patience follow
+  config.best_mode = 'min'        # 'min' for a loss, 'max' for an accuracy
   config.log_every = 25
   config.seed = 0
   config.optimizer = ml_collections.ConfigDict(dict(
@@ -233,6 +235,7 @@ RULES: tuple[v.Rule, ...] = (
     ('keep_checkpoints', v.is_int(1), 'an int >= 1'),
     ('patience', v.is_int(0), 'an int >= 0'),
     ('log_every', v.is_int(1), 'an int >= 1'),
+    ('best_mode', lambda m: m in ('min', 'max'), "'min' or 'max'"),
     ('seed', v.is_int(), 'an int'),
     ('optimizer.learning_rate', v.is_number(0.0, low_open=True), 'a number > 0'),
     ('optimizer.warmup_steps', v.is_int(0), 'an int >= 0'),

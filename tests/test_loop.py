@@ -369,3 +369,28 @@ def test_pretrain_num_epochs_sets_the_length(tmp_path, tiny_data, compile_cache)
   assert max(_train_losses(workdir)) == expected
   assert f'"step": {expected}, "reason": "completed"' in result.stdout
   assert checkpoint.Checkpointer(str(workdir / 'checkpoints')).latest_step() == expected
+
+
+def test_the_stage_names_the_metric_best_and_patience_follow(tmp_path):
+  """An accuracy to maximise: the best checkpoint is the highest, patience counts from it."""
+  accuracies = iter([0.5, 0.8, 0.7, 0.6])
+  evaluate = lambda params: (lambda a: {'loss': 1.0 - a, 'perplexity': 1.0, 'accuracy': a,
+                                        'num_pairs': 10})(next(accuracies))
+  ckpt_dir = os.path.join(tmp_path, 'checkpoints')
+  ckpt = checkpoint.Checkpointer(ckpt_dir, keep=1, best_metric='eval/accuracy', best_mode='max')
+  try:
+    result = loop.run(workdir=str(tmp_path), loop_cfg=loop.LoopConfig(
+        num_train_steps=20, eval_every=5, patience=2, best_metric='accuracy', best_mode='max'),
+        train_step=_toy_step, train_loader=ToyLoader(), to_global=jax.device_put,
+        checkpointer=ckpt, init_state=_init, abstract_state=_abstract(), evaluate=evaluate,
+        console=False)
+  finally:
+    ckpt.close()
+  assert result.reason == 'early_stopped' and result.step == 20
+  assert result.best_eval_loss == 0.8        # the best value of the named metric
+  records = [r for r in metrics.read_metrics(str(tmp_path)) if 'eval/accuracy' in r]
+  assert [r['eval/accuracy'] for r in records] == [0.5, 0.8, 0.7, 0.6]
+  assert records[-1]['eval/best_accuracy'] == 0.8 and 'eval/num_pairs' not in records[-1]
+  reader = checkpoint.Checkpointer(ckpt_dir, best_metric='eval/accuracy', best_mode='max')
+  assert reader.best_step() == 10
+  reader.close()

@@ -40,6 +40,7 @@ of a step, moving a bad step aside) go through `etils.epath`.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -226,9 +227,16 @@ def tree_differences(saved: dict[tuple[str, ...], tuple[int, ...]],
 
 def eval_loss_of(metrics: dict[str, Any] | None) -> float:
   """Ranks checkpoints: lower is better; steps without an eval loss rank last."""
-  if not metrics or metrics.get('eval/loss') is None:
+  return best_score_of(metrics)
+
+
+def best_score_of(metrics: dict[str, Any] | None, metric: str = 'eval/loss',
+                  mode: str = 'min') -> float:
+  """Ranks checkpoints by `metric` (lower score is better); steps without it rank last."""
+  if not metrics or metrics.get(metric) is None:
     return math.inf
-  return float(metrics['eval/loss'])
+  value = float(metrics[metric])
+  return value if mode == 'min' else -value
 
 
 def _json_safe(metrics: dict[str, Any] | None) -> dict[str, Any]:
@@ -247,19 +255,22 @@ class Checkpointer:
   """Saves and restores train state + loader state under one directory."""
 
   def __init__(self, directory: str, *, keep: int = 3, keep_best: bool = True,
-               async_save: bool = True, read_only: bool = False):
+               async_save: bool = True, read_only: bool = False,
+               best_metric: str = 'eval/loss', best_mode: str = 'min'):
     # A string (local and absolute, or a `gs://` URL kept as is) for messages and Orbax.
     self.directory = paths.resolve_str(directory)
+    score = functools.partial(best_score_of, metric=best_metric, mode=best_mode)
+    self._score = score
     policies = [ocp.checkpoint_managers.LatestN(n=max(int(keep), 1))]
     if keep_best:
       # `reverse=True` sorts descending, and BestN keeps the tail: the lowest loss.
       policies.append(ocp.checkpoint_managers.BestN(
-          get_metric_fn=eval_loss_of, reverse=True, n=1,
+          get_metric_fn=score, reverse=True, n=1,
           keep_checkpoints_without_metrics=False))
     options = ocp.CheckpointManagerOptions(
         # `best_fn` makes the manager write the metrics with each step;
         # retention itself is decided by `preservation_policy`.
-        best_fn=eval_loss_of,
+        best_fn=score,
         best_mode='min',
         preservation_policy=ocp.checkpoint_managers.AnyPreservationPolicy(policies),
         enable_async_checkpointing=async_save,
@@ -279,7 +290,7 @@ class Checkpointer:
 
   def best_step(self) -> int | None:
     """The step with the lowest saved `eval/loss` (None if none has one)."""
-    scored = [(eval_loss_of(self.metadata(s).get('metrics')), s) for s in self.all_steps()]
+    scored = [(self._score(self.metadata(s).get('metrics')), s) for s in self.all_steps()]
     scored = [(loss, s) for loss, s in scored if math.isfinite(loss)]
     return min(scored)[1] if scored else None
 

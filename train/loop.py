@@ -66,7 +66,9 @@ class LoopConfig:
   checkpoint_every: int = 0
   patience: int | None = None          # evaluations without improvement before stopping
   log_every: int = 1
-  checkpoint_best: bool = True         # also save when the eval loss improves
+  checkpoint_best: bool = True         # also save when the best metric improves
+  best_metric: str = 'loss'            # the evaluation's metric that "best" and patience follow
+  best_mode: str = 'min'               # 'min' (a loss) or 'max' (an accuracy)
 
   @classmethod
   def from_config(cls, config: Any) -> LoopConfig:
@@ -78,6 +80,8 @@ class LoopConfig:
                eval_every=int(get('eval_every', 0)),
                checkpoint_every=int(get('checkpoint_every', 0)),
                patience=int(get('patience', 0)) or None,
+               best_metric=str(get('best_metric', 'loss')),
+               best_mode=str(get('best_mode', 'min')),
                log_every=max(int(get('log_every', 1)), 1))
 
 
@@ -313,13 +317,20 @@ def run(*, workdir: str, loop_cfg: LoopConfig, train_step: Callable[[Any, Any], 
           read_pending()
           t0 = time.perf_counter()
           result = evaluate(state.params)
-          eval_metrics = {'eval/loss': result['loss'], 'eval/perplexity': result['perplexity']}
-          improved = result['loss'] < best_eval
+          eval_metrics = {f'eval/{k}': float(v) for k, v in result.items()
+                          if isinstance(v, (int, float)) and not k.startswith('num_')}
+          if loop_cfg.best_metric not in result:
+            raise KeyError(f'best_metric={loop_cfg.best_metric!r} is not among the evaluation\'s '
+                           f'metrics {sorted(result)}')
+          value = float(result[loop_cfg.best_metric])
+          score = value if loop_cfg.best_mode == 'min' else -value
+          improved = score < best_eval
           if improved:
-            best_eval, evals_since_best = result['loss'], 0
+            best_eval, evals_since_best = score, 0
           else:
             evals_since_best += 1
-          eval_metrics['eval/best_loss'] = best_eval
+          best_value = best_eval if loop_cfg.best_mode == 'min' else -best_eval
+          eval_metrics[f'eval/best_{loop_cfg.best_metric}'] = best_value
           eval_metrics['eval/time'] = time.perf_counter() - t0
           record = dict(eval_metrics)
           if tokens_per_step:
@@ -327,14 +338,15 @@ def run(*, workdir: str, loop_cfg: LoopConfig, train_step: Callable[[Any, Any], 
           history.append(writer.write(step, record, print_line=False))
           trend = 'improved' if improved else f'{evals_since_best} without improvement'
           writer.message(f'eval step {step}: loss {result["loss"]:.4f} '
-                         f'(perplexity {result["perplexity"]:.2f}, best {best_eval:.4f}, {trend})')
+                         f'(perplexity {result["perplexity"]:.2f}, best '
+                         f'{loop_cfg.best_metric} {best_value:.4f}, {trend})')
           interval.update(start=time.perf_counter(), steps=0)
           if loop_cfg.checkpoint_best and improved and not is_last:
             save(eval_metrics)
           if loop_cfg.patience and evals_since_best >= loop_cfg.patience:
             reason = 'early_stopped'
             writer.message(f'Early stopping at step {step}: {evals_since_best} evaluations '
-                           f'without improvement (best eval loss {best_eval:.4f}).')
+                           f'without improvement (best {loop_cfg.best_metric} {best_value:.4f}).')
             break
         if loop_cfg.checkpoint_every and step % loop_cfg.checkpoint_every == 0 and not is_last:
           save(eval_metrics)
@@ -352,5 +364,6 @@ def run(*, workdir: str, loop_cfg: LoopConfig, train_step: Callable[[Any, Any], 
   if reason == 'preempted':
     writer.message(f'Checkpoint of step {step} saved; exiting after preemption.')
   return LoopResult(state=state, step=step, reason=reason,
-                    best_eval_loss=best_eval if math.isfinite(best_eval) else None,
+                    best_eval_loss=((best_eval if loop_cfg.best_mode == 'min' else -best_eval)
+                                    if math.isfinite(best_eval) else None),
                     last_checkpoint=last_checkpoint, history=history)

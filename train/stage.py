@@ -223,7 +223,8 @@ def run(stage: Stage, config: ml_collections.ConfigDict, workdir: str) -> loop.L
   peak, startup = peak_flops(mesh)
   startup['model/num_params'] = model_config_lib.num_params(model_cfg)
   checkpointer = checkpoint_lib.Checkpointer(
-      os.fspath(epath.Path(workdir) / run_files.CHECKPOINT_DIR), keep=config.keep_checkpoints)
+      os.fspath(epath.Path(workdir) / run_files.CHECKPOINT_DIR), keep=config.keep_checkpoints,
+      best_metric=f'eval/{loop_cfg.best_metric}', best_mode=loop_cfg.best_mode)
   try:
     return loop.run(
         workdir=workdir, loop_cfg=loop_cfg, train_step=train_step, train_loader=train_loader,
