@@ -5,8 +5,9 @@ VENV := .venv
 PY := $(VENV)/bin/python
 DATA := runs/data
 RUN := runs/tiny
+SFT := runs/sft
 
-.PHONY: demo test install install-test clean
+.PHONY: demo sft test install install-test clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -34,6 +35,12 @@ demo: install
 	$(PY) -m train.evaluate --workdir=$(RUN) --split=test
 	$(PY) -m train.generate --workdir=$(RUN) --prompt='def ' --max_new_tokens=64 --num_samples=3
 	$(PY) -m train.plot --workdir=$(RUN)
+
+# After `make demo`: fine-tune the demo model on the embedded instructions,
+# then score held-out instructions (response loss, parse_and_name_rate).
+sft: install
+	$(PY) -m train.sft --config=configs/sft.py:tiny --workdir=$(SFT) --config.init_from=$(RUN)
+	$(PY) -m train.evaluate --workdir=$(SFT) --split=test --functional
 
 test: install-test
 	STRATA_LIBTPU_PATH=$(LIBTPU) $(PY) -m pytest -q tests
