@@ -303,8 +303,13 @@ def make_loader(
 
 def global_batch(local_batch: dict[str, np.ndarray], sharding: jax.sharding.Sharding,
                  batch_size: int) -> dict[str, jax.Array]:
-  """Global [batch_size, seq_len] arrays from this process's rows (`process_rows` order)."""
-  num_local, seq_len = next(iter(local_batch.values())).shape
+  """Global [batch_size, ...] arrays from this process's rows (`process_rows` order).
+
+  `sharding` is the [batch, length] sharding; a field of another rank ([B]
+  per-example values, say) gets the same split of its batch axis.
+  """
+  first = next(iter(local_batch.values()))
+  num_local, seq_len = first.shape[0], first.shape[1]
   rows = process_rows(sharding, batch_size, seq_len)
   if len(rows) != num_local:
     raise ValueError(f'{num_local} local rows, but this process holds {len(rows)} rows of a '
@@ -313,11 +318,22 @@ def global_batch(local_batch: dict[str, np.ndarray], sharding: jax.sharding.Shar
   where[rows] = np.arange(len(rows))
 
   def make(local: np.ndarray) -> jax.Array:
+    shape = (batch_size,) + local.shape[1:]
+    field_sharding = _like(sharding, local.ndim)
     return jax.make_array_from_callback(
-        (batch_size, seq_len), sharding,
-        lambda index: local[where[np.arange(batch_size)[index[0]]]][:, index[1]])
+        shape, field_sharding,
+        lambda index: local[(where[np.arange(batch_size)[index[0]]],) + tuple(index[1:])])
 
   return {name: make(local) for name, local in local_batch.items()}
+
+
+def _like(sharding: jax.sharding.Sharding, ndim: int) -> jax.sharding.Sharding:
+  """`sharding` (of [B, L]) for a field of rank `ndim`: the batch axis split alike."""
+  if ndim == 2 or not isinstance(sharding, jax.sharding.NamedSharding):
+    return sharding
+  spec = tuple(sharding.spec) + (None,) * 2
+  return jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec(
+      *(spec[:1] if ndim == 1 else spec[:2] + (None,) * (ndim - 2))))
 
 
 def num_bytes(data_dir: str, split: str) -> int:

@@ -9,6 +9,7 @@ import flax.linen as nn
 import jax
 from jax.sharding import PartitionSpec as P
 import ml_collections
+import numpy as np
 import pytest
 
 from train import mesh as mesh_lib
@@ -78,3 +79,23 @@ def test_batch_sharding_splits_batch_over_data_axes():
   mesh = mesh_lib.make_mesh(_cfg())
   sharding = mesh_lib.batch_sharding(mesh, mesh_lib.logical_rules(_cfg()))
   assert sharding.spec == P(('data', 'fsdp'), None)
+
+
+def test_batch_fields_of_every_rank_share_the_batch_split():
+  """[B] per-example values and [B, L] fields: rows live together on the same devices."""
+  from configs import pretrain  # pylint: disable=g-import-not-at-top
+  from data_pipeline import loader  # pylint: disable=g-import-not-at-top
+  config = pretrain.get_config('tiny')
+  mesh = mesh_lib.make_mesh(config.mesh)
+  rules = mesh_lib.logical_rules(config.mesh)
+  two = mesh_lib.batch_sharding(mesh, rules)
+  shardings = mesh_lib.batch_shardings(mesh, rules, {'tokens': (4, 8), 'reward': (4,),
+                                                     'pair': (4, 2, 8)})
+  assert shardings['tokens'] == two
+  assert shardings['reward'].spec[0] == two.spec[0] and len(shardings['reward'].spec) == 1
+  assert shardings['pair'].spec[:1] == two.spec[:1]
+  local = {'tokens': np.arange(32, dtype=np.int32).reshape(4, 8),
+           'reward': np.arange(4, dtype=np.float32)}
+  batch = loader.global_batch(local, two, 4)
+  assert batch['reward'].shape == (4,) and batch['tokens'].shape == (4, 8)
+  np.testing.assert_array_equal(np.asarray(batch['reward']), local['reward'])
