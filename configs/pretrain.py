@@ -61,10 +61,11 @@ def _model(**kwargs) -> ml_collections.ConfigDict:
       max_len=256,
       rope_theta=10000.0,
       tie_embeddings=False,
-      # strata's own scaling (model/config.py); both False reproduces a
-      # Hugging Face Llama checkpoint.
+      # Input and tied-logit scaling and the table's init (model/config.py):
+      # untied presets scale the input; tied ones use _tied().
       scale_embeddings=True,
-      scale_tied_logits=True,
+      scale_tied_logits=False,
+      embed_init_std=0.0,
       dropout_rate=0.0,
       dtype='float32',
       param_dtype='float32',
@@ -75,6 +76,13 @@ def _model(**kwargs) -> ml_collections.ConfigDict:
   ))
   model.update(kwargs)
   return model
+
+
+# Tied embeddings the GPT-2 / Hugging Face Llama way: no input multiplier, no
+# logit scale, a 0.02 table, so the first loss is ~ln V and the readout learns
+# at full speed (model/config.py says why and what was measured).
+_TIED = dict(tie_embeddings=True, scale_embeddings=False, scale_tied_logits=False,
+             embed_init_std=0.02)
 
 
 def _base() -> ml_collections.ConfigDict:
@@ -133,7 +141,7 @@ def _set_seq_len(config: ml_collections.ConfigDict, seq_len: int) -> None:
 def tiny() -> ml_collections.ConfigDict:
   config = _base()
   config.model = _model(d_model=256, num_layers=4, num_heads=4, num_kv_heads=2, head_dim=64,
-                        mlp_dim=704, tie_embeddings=True)
+                        mlp_dim=704, **_TIED)
   _set_seq_len(config, 256)
   # Sized for ~10 minutes on 2 free CPU cores: a step of 16 x 256 tokens costs
   # ~2.6 CPU-seconds (benchmarks/train_step.py), i.e. ~1.3 s of wall time.
@@ -151,7 +159,7 @@ def tiny() -> ml_collections.ConfigDict:
 def small() -> ml_collections.ConfigDict:
   config = _base()
   config.model = _model(d_model=512, num_layers=8, num_heads=8, num_kv_heads=4, head_dim=64,
-                        mlp_dim=1408, tie_embeddings=True)
+                        mlp_dim=1408, **_TIED)
   _set_seq_len(config, 512)
   config.batch_size = 32
   config.num_train_steps = 10_000

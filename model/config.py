@@ -38,16 +38,17 @@ class ModelConfig:
       the table's 1/sqrt(d_model) init gives a unit-RMS input (as Gemma
       does); False for Llama checkpoints, which have no input multiplier.
     scale_tied_logits: multiply the tied logits by 1/sqrt(d_model) (T5X,
-      MaxText, PaLM). At init the residual stream still points along the
-      current token's embedding, so unscaled tied logits give that token a
-      logit of ~sqrt(d_model) (a start loss of 14.3 nats instead of ln V = 9.0
-      for `tiny`); scaled, it is ~1 and the start loss ~ln V. False for
-      Hugging Face checkpoints (plain `x @ E.T`). Ignored when not tied.
-      Both switches change the function, not the init (table std 1/sqrt(d),
-      untied head std 1/d): turned off they reproduce a loaded checkpoint;
-      a `tiny` initialised with both off starts ~0.4 nats above ln V, with
-      only the logit scale off ~5.3 above (tests/test_init_loss.py checks
-      the shipped presets).
+      MaxText). Ignored when not tied. Off in every preset: under Adam it
+      slows the tied readout's learning by sqrt(d) (measured on `tiny`: train
+      loss 8.6 at step 20 with it, 4.8 without); kept as an option for
+      checkpoints trained with it.
+    embed_init_std: std of the embedding table's init; 0 means 1/sqrt(d_model).
+      The tied presets use the GPT-2 / Hugging Face convention: no input
+      multiplier, no logit scale, std 0.02. At init the final norm's output
+      then barely points along the current token's row, so its own logit is
+      ~d * 0.02**2 (0.1 at d=256, not ~sqrt(d) = 16 as with a unit-RMS
+      input row: `tiny` started at 14.3 nats instead of ln V = 9.0), and
+      the loss starts at ~ln V (tests/test_init_loss.py checks every preset).
     dropout_rate: residual dropout, active only when not deterministic.
     dtype: compute dtype ('float32' on CPU, 'bfloat16' on accelerators).
     param_dtype: dtype the parameters are stored in.
@@ -67,7 +68,8 @@ class ModelConfig:
   rope_theta: float = 10000.0
   tie_embeddings: bool = False
   scale_embeddings: bool = True
-  scale_tied_logits: bool = True
+  scale_tied_logits: bool = False
+  embed_init_std: float = 0.0
   dropout_rate: float = 0.0
   dtype: str = 'float32'
   param_dtype: str = 'float32'
@@ -88,6 +90,8 @@ class ModelConfig:
           f'num_kv_heads ({self.num_kv_heads}).')
     if self.head_dim % 2:
       raise ValueError(f'ModelConfig.head_dim must be even for RoPE, got {self.head_dim}.')
+    if self.embed_init_std < 0:
+      raise ValueError(f'ModelConfig.embed_init_std must be >= 0, got {self.embed_init_std}.')
     if not 0.0 <= self.dropout_rate < 1.0:
       raise ValueError(f'ModelConfig.dropout_rate must be in [0, 1), got {self.dropout_rate}.')
     if self.rope_theta <= 0:

@@ -46,11 +46,11 @@ def matmul(x: jax.Array, w: jax.Array, num_contract: int = 1,
 class Embed(nn.Module):
   """Token embedding; `attend` gives logits against the same matrix (tied).
 
-  With the table's init std 1/sqrt(d) the looked-up rows have RMS 1/sqrt(d);
-  `scale_embeddings` multiplies them by sqrt(d) (unit RMS at the input) and
-  `scale_tied_logits` divides the tied logits by sqrt(d). Both are on for
-  strata's own models and off for Hugging Face Llama checkpoints (see
-  `ModelConfig`).
+  The table's init std is `embed_init_std` (default 1/sqrt(d));
+  `scale_embeddings` multiplies the looked-up rows by sqrt(d) and
+  `scale_tied_logits` divides the tied logits by sqrt(d). The untied presets
+  scale the input (unit RMS); the tied ones, like a Hugging Face Llama, use
+  neither, with a 0.02 table (see `ModelConfig` for why).
   """
   config: ModelConfig
 
@@ -58,8 +58,9 @@ class Embed(nn.Module):
     cfg = self.config
     self.embedding = self.param(
         'embedding',
-        nn.with_logical_partitioning(normal_init(1.0 / math.sqrt(cfg.d_model)),
-                                     ('vocab', 'embed')),
+        nn.with_logical_partitioning(
+            normal_init(cfg.embed_init_std or 1.0 / math.sqrt(cfg.d_model)),
+            ('vocab', 'embed')),
         (cfg.vocab_size, cfg.d_model), jnp.dtype(cfg.param_dtype))
 
   def __call__(self, tokens_BL: jax.Array) -> jax.Array:
@@ -73,14 +74,8 @@ class Embed(nn.Module):
   def attend(self, x_BLD: jax.Array) -> jax.Array:
     """float32 logits `x @ E.T`, times 1/sqrt(d) with `scale_tied_logits`.
 
-    Why the scale: at init the blocks add little to the residual stream, so
-    the final norm's output is close to the input row sqrt(d) * e_t, whose dot
-    product with its own row e_t is ~sqrt(d) (|e_t|^2 ~ 1) while other rows
-    give N(0, 1). Unscaled, the model starts out predicting "repeat the
-    input" (`tiny`: 14.3 nats at step 0 against ln V = 9.0). Scaled, the own
-    logit is ~1 and the others N(0, 1/d): a start loss of ~ln V, the same
-    readout scale as the untied head's init (std 1/d). Scaling the float32
-    logits rather than x keeps bfloat16 activations unrounded.
+    Scaling the float32 logits rather than x keeps bfloat16 activations
+    unrounded.
     """
     cfg = self.config
     embedding_VD = jnp.asarray(self.embedding, jnp.dtype(cfg.dtype))

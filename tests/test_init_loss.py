@@ -88,7 +88,12 @@ def test_step0_loss_of_large_preset_stand_in_is_ln_vocab(preset):
   assert abs(loss - math.log(config.model.vocab_size)) < TOLERANCE, (preset, loss)
 
 
-def test_unscaled_tied_logits_start_far_above_ln_vocab():
-  """The check above can fail: `tiny`'s dimensions without the logit scale."""
-  config = pretrain.get_config('tiny,model.scale_tied_logits=False,model.num_layers=1')
+def test_the_old_tied_init_starts_far_above_ln_vocab():
+  """The check above can fail: `tiny` as it was (unit-RMS input rows, unscaled tied logits)."""
+  config = pretrain.get_config('tiny,model.scale_embeddings=True,model.embed_init_std=0.0,'
+                               'model.num_layers=1')
   assert _step0_loss(config) - math.log(config.model.vocab_size) > 3.0
+  # ... and the T5X-style logit scale, the other standard fix, starts at ln V too.
+  scaled = pretrain.get_config('tiny,model.scale_embeddings=True,model.embed_init_std=0.0,'
+                               'model.scale_tied_logits=True,model.num_layers=1')
+  assert abs(_step0_loss(scaled) - math.log(config.model.vocab_size)) < TOLERANCE

@@ -221,7 +221,7 @@ def test_input_and_tied_logit_scales():
   """The two switches a Hugging Face Llama checkpoint turns off (ModelConfig)."""
   tokens = _tokens(9, (2, 12))
   root_d = np.sqrt(CFG1.d_model)
-  tied = dataclasses.replace(CFG1, tie_embeddings=True)
+  tied = dataclasses.replace(CFG1, tie_embeddings=True, scale_tied_logits=True)
   params = _init(tied)
   # Tied logits are x @ E.T times 1/sqrt(d); off, plain x @ E.T.
   np.testing.assert_allclose(
