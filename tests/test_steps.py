@@ -76,7 +76,8 @@ def test_grad_accumulation_equals_one_large_batch(reference):
   # Adam's first update is ~lr * sign(grad): allow 1% of that lr (5e-3) for
   # elements whose gradient is near zero.
   _assert_trees_close(after_4.params, after_1.params, rtol=1e-5, atol=5e-5)
-  _assert_trees_close(after_4.opt_state, after_1.opt_state, rtol=1e-4, atol=1e-9)
+  # Moments of ~1e-4; a few near-zero ones differ by ~2e-9 (float32 sums in another order).
+  _assert_trees_close(after_4.opt_state, after_1.opt_state, rtol=1e-4, atol=1e-8)
 
 
 def _unstack_layers(params, num_layers):
