@@ -13,14 +13,8 @@ from data_pipeline import tokenizer as tok_lib
 
 
 @pytest.fixture(scope='module')
-def tokenizer(tmp_path_factory) -> tok_lib.Tokenizer:
-  root = sources.stdlib_root()
-  texts = []
-  for rel in ('textwrap.py', 'json/decoder.py', 'shlex.py'):
-    with open(os.path.join(root, rel), encoding='utf-8') as f:
-      texts.append(f.read())
-  prefix = str(tmp_path_factory.mktemp('tok') / 'tok')
-  return tok_lib.Tokenizer.load(tok_lib.train_tokenizer(texts, prefix, 500))
+def tokenizer(stdlib_tokenizer) -> tok_lib.Tokenizer:
+  return stdlib_tokenizer
 
 
 def _spans(tokens: np.ndarray, mask: np.ndarray, tokenizer) -> list[str]:

@@ -13,6 +13,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import guards
+
 from train import checkpoint
 
 
@@ -184,14 +186,8 @@ def _two_steps(directory: str) -> None:
   ckpt.close()
 
 
-def _step_files(directory: str) -> dict[str, bytes]:
-  out = {}
-  for root, _, names in os.walk(directory):
-    for name in names:
-      path = os.path.join(root, name)
-      with open(path, 'rb') as f:
-        out[os.path.relpath(path, directory)] = f.read()
-  return out
+def _step_files(directory) -> dict[str, object]:
+  return guards.snapshot(directory)
 
 
 @pytest.mark.parametrize('change', ['shape', 'extra_key', 'missing_key'])

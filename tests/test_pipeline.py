@@ -13,6 +13,8 @@ import sys
 
 import pytest
 
+import guards
+
 from configs import data as data_configs
 from configs.cli import UserError
 from data_pipeline import pipeline
@@ -63,20 +65,7 @@ def _config(**changes):
   return data_configs.get_config(arg)
 
 
-@contextlib.contextmanager
-def _fails_if_it_hangs(seconds: int):
-  """A blocked read (e.g. opening a FIFO) becomes a test failure, not a hung suite."""
-
-  def hung(*_):
-    raise TimeoutError(f'still running after {seconds} s: blocked on an input?')
-
-  previous = signal.signal(signal.SIGALRM, hung)
-  signal.alarm(seconds)
-  try:
-    yield
-  finally:
-    signal.alarm(0)
-    signal.signal(signal.SIGALRM, previous)
+_fails_if_it_hangs = guards.fails_if_it_hangs
 
 
 @pytest.fixture(scope='module')
@@ -172,15 +161,8 @@ def test_cli_parses_flags_and_reuses(built):
   assert bad.returncode != 0 and 'pathz' in bad.stderr
 
 
-def _snapshot(folder) -> dict[str, bytes]:
-  """Every file under `folder` with its bytes (and modification time)."""
-  out = {}
-  for dirpath, _, names in os.walk(folder):
-    for name in names:
-      path = os.path.join(dirpath, name)
-      with open(path, 'rb') as f:
-        out[path] = (f.read(), os.stat(path).st_mtime_ns)
-  return out
+def _snapshot(folder) -> dict[str, object]:
+  return guards.snapshot(folder, mtimes=True)
 
 
 def _small_build(tmp_path, monkeypatch, **changes) -> dict:

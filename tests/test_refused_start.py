@@ -19,6 +19,8 @@ import time
 
 import pytest
 
+import guards
+
 from data_pipeline import shards
 from data_pipeline import tokenizer as tokenizer_lib
 from train import metrics
@@ -73,14 +75,8 @@ def _train(workdir, data_dir, cache, *extra, env=None, timeout=300):
                         timeout=timeout)
 
 
-def _files(directory) -> dict[str, bytes]:
-  out = {}
-  for root, _, names in os.walk(directory):
-    for name in names:
-      path = os.path.join(root, name)
-      with open(path, 'rb') as f:
-        out[os.path.relpath(path, directory)] = f.read()
-  return out
+def _files(directory) -> dict[str, object]:
+  return guards.snapshot(directory)
 
 
 def _assert_refused(result, *needles):

@@ -13,24 +13,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+import guards
+
 from configs.cli import UserError
 from data_pipeline import sources
 
 
-@contextlib.contextmanager
-def _fails_if_it_hangs(seconds: int):
-  """A read that blocks or a walk that never ends becomes a failure, not a hung suite."""
-
-  def hung(*_):
-    raise TimeoutError(f'still running after {seconds} s')
-
-  previous = signal.signal(signal.SIGALRM, hung)
-  signal.alarm(seconds)
-  try:
-    yield
-  finally:
-    signal.alarm(0)
-    signal.signal(signal.SIGALRM, previous)
+_fails_if_it_hangs = guards.fails_if_it_hangs
 
 
 def _write(path, data: bytes) -> str:
