@@ -8,8 +8,10 @@ Presets (`configs/sft.py:<preset>[,key=value,...]`):
           python -m train.sft --config=configs/sft.py:tiny --workdir=runs/sft \\
               --config.init_from=runs/tiny
         Hardware: 2 CPU cores. The model shape comes from `init_from` (empty:
-        from scratch, the `tiny` shape). Wall time and results: see the README's
-        fine-tuning table (measured, with the commands).
+        from scratch, the `tiny` shape). Wall time: 456 steps, 12-13 min.
+        Expect (measured, seed 0): held-out (test) response loss 4.10 from
+        runs/tiny and 3.68 from scratch; parse_rate 0.00 / 0.38 and
+        parse_and_name_rate 0 for both (README, "Fine-tuning").
   1b, 7b  the pre-training presets' shapes on TPU (bf16, full remat, FSDP),
         fine-tuning a run of the same shape (`--config.init_from=gs://.../1b`)
         on JSONL instructions: `--config.data.source=files
