@@ -72,3 +72,19 @@ def test_misspelt_key_on_the_command_line_names_it():
     _parse_command_line('--config.optimizer.learning_rat=1e-4')
   with pytest.raises(Exception, match='modle'):
     _parse_command_line('--config.modle.num_layers=2')
+
+
+@pytest.mark.parametrize('preset', ['tiny', '1b', '7b'])
+def test_sft_presets_build_and_validate(preset):
+  from configs import sft  # pylint: disable=g-import-not-at-top
+  from configs.cli import UserError  # pylint: disable=g-import-not-at-top
+  config = sft.get_config(preset)
+  assert config.chat and config.init_from == '' and config.num_epochs == 3
+  if config.data.source == 'files':   # the TPU presets take the user's JSONL
+    with pytest.raises(UserError, match='data.paths'):
+      sft.validate(config)
+    config.data.paths = 'data/sft/*.jsonl'
+  sft.validate(config)
+  config.data.source = 'web'
+  with pytest.raises(UserError, match='data.source'):
+    sft.validate(config)
