@@ -133,8 +133,8 @@ def test_init_from_restores_the_params_exactly(setup):
   from train import state as state_lib  # pylint: disable=g-import-not-at-top
   model = Transformer(model_cfg)
   mesh = mesh_lib.make_mesh(config.mesh)
-  abstract, _ = state_lib.abstract_state(config, model, mesh)
-  state = stage_lib.state_from_run(config, model, mesh, abstract, source)
+  abstract, shardings = state_lib.abstract_state(config, model, mesh)
+  state = stage_lib.state_from_run(config, abstract, shardings, source)
   _, _, params, _, _ = run_dir.load_run(setup['pretrained'])
   jax.tree.map(np.testing.assert_array_equal, jax.device_get(state.params),
                jax.device_get(params))

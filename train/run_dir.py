@@ -24,11 +24,13 @@ from model import transformer
 from train import checkpoint as checkpoint_lib
 from train import mesh as mesh_lib
 from train import paths
+from train import run_files
 from train import state as state_lib
 
-CONFIG_FILE = 'config.json'
-CHECKPOINT_DIR = 'checkpoints'
-TOKENIZER_FILE = 'tokenizer.model'
+# The file names of a run workdir, defined where the run writes them.
+CONFIG_FILE = run_files.CONFIG_FILE
+CHECKPOINT_DIR = run_files.CHECKPOINT_DIR
+TOKENIZER_FILE = run_files.TOKENIZER_FILE
 
 
 def load_config(workdir: str) -> ml_collections.ConfigDict:

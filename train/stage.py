@@ -44,6 +44,7 @@ from train import mfu
 from train import objectives
 from train import optimizer as optimizer_lib
 from train import paths
+from train import run_dir
 from train import run_files
 from train import state as state_lib
 from train import steps as steps_lib
@@ -117,11 +118,10 @@ def adopt_init_from(config: ml_collections.ConfigDict,
   if source is None:
     return None
   source = paths.resolve_str(source)
-  path = epath.Path(source) / run_files.CONFIG_FILE
-  if not path.exists():
+  if not (epath.Path(source) / run_files.CONFIG_FILE).exists():
     raise UserError(f'init_from={config.init_from}: no {run_files.CONFIG_FILE} there; give '
                     'the directory of a finished run (e.g. runs/tiny).')
-  source_model = json.loads(path.read_text()).get('model', {})
+  source_model = run_dir.load_config(source).get('model', {})
   with config.unlocked():
     for key, value in source_model.items():
       if key in RUNTIME_MODEL_KEYS or key not in config.model:
@@ -137,9 +137,11 @@ def adopt_init_from(config: ml_collections.ConfigDict,
   return source
 
 
-def state_from_run(config: ml_collections.ConfigDict, model: Any, mesh: jax.sharding.Mesh,
-                   abstract: state_lib.TrainState, source: str) -> state_lib.TrainState:
+def state_from_run(config: ml_collections.ConfigDict, abstract: state_lib.TrainState,
+                   shardings: state_lib.TrainState, source: str) -> state_lib.TrainState:
   """A fresh state whose params are `source`'s newest good checkpoint's, on this mesh.
+
+  `abstract` and `shardings` are this run's state (`state_lib.abstract_state`).
 
   The checkpoint's parameter tree must equal this model's, extra keys included.
   """
@@ -156,7 +158,6 @@ def state_from_run(config: ml_collections.ConfigDict, model: Any, mesh: jax.shar
   print(f'Initialised the parameters from {source} (step {step}); optimizer state fresh.',
         flush=True)
   tx, _ = optimizer_lib.make_optimizer(config.optimizer, config.num_train_steps)
-  _, shardings = state_lib.abstract_state(config, model, mesh)
   rng = np.asarray(jax.device_get(jax.random.key_data(jax.random.key(config.seed))))
 
   def fresh(params, rng):
@@ -219,7 +220,7 @@ def run(stage: Stage, config: ml_collections.ConfigDict, workdir: str) -> loop.L
     init_state = lambda: state_lib.create_sharded_state(
         config, model, mesh, jax.random.key(config.seed))[0]
   else:
-    init_state = lambda: state_from_run(config, model, mesh, abstract_state, init_from)
+    init_state = lambda: state_from_run(config, abstract_state, state_shardings, init_from)
   peak, startup = peak_flops(mesh)
   startup['model/num_params'] = model_config_lib.num_params(model_cfg)
   checkpointer = checkpoint_lib.Checkpointer(
