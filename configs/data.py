@@ -50,6 +50,7 @@ from __future__ import annotations
 import ml_collections
 
 from configs import overrides
+from configs import validation as v
 from configs.cli import UserError
 
 SOURCE_KINDS = ('stdlib', 'files', 'tfds')
@@ -101,61 +102,46 @@ def base() -> ml_collections.ConfigDict:
   return config
 
 
-def _number(config: ml_collections.ConfigDict, key: str, low: float, high: float,
-            *, low_open: bool = False, high_open: bool = False, integer: bool = False) -> None:
-  """Checks that the dotted `key` lies in [low, high] (or open at either end)."""
-  value = config
-  for part in key.split('.'):
-    value = value[part]
-  kind = 'an integer' if integer else 'a number'
-  if isinstance(value, bool) or not isinstance(value, int if integer else (int, float)):
-    raise UserError(f'Config key {key}={value!r} must be {kind}.')
-  too_low = value <= low if low_open else value < low
-  too_high = value >= high if high_open else value > high
-  if too_low or too_high:
-    lo = f'> {low}' if low_open else f'>= {low}'
-    hi = '' if high == float('inf') else (f' and < {high}' if high_open else f' and <= {high}')
-    raise UserError(f'Config key {key}={value!r} is out of range: it must be {lo}{hi}.')
+def _one_of(choices: tuple[str, ...]):
+  return lambda value: value in choices
 
 
-def _choice(config: ml_collections.ConfigDict, key: str, choices: tuple[str, ...]) -> None:
-  section, name = key.split('.')
-  if config[section][name] not in choices:
-    raise UserError(f'Config key {key}={config[section][name]!r} is not one of {list(choices)}.')
+RULES: tuple[v.Rule, ...] = (
+    ('source.kind', _one_of(SOURCE_KINDS), f'one of {list(SOURCE_KINDS)}'),
+    ('clean.normalization', _one_of(NORMALIZATIONS), f'one of {list(NORMALIZATIONS)}'),
+    ('clean.min_chars', v.is_int(0), 'an int >= 0'),
+    ('clean.max_line_chars', v.is_int(1), 'an int >= 1'),
+    ('clean.min_alnum_fraction', v.is_number(0.0, 1.0), 'a number in [0, 1]'),
+    ('clean.max_repeated_line_fraction', v.is_number(0.0, 1.0), 'a number in [0, 1]'),
+    # ngram 0 makes every document one empty shingle: all "near duplicates".
+    ('dedup.ngram', v.is_int(1), 'an int >= 1'),
+    ('dedup.num_perm', v.is_int(1), 'an int >= 1'),
+    # Jaccard 0 would call any two documents duplicates; above 1 none ever is.
+    ('dedup.threshold', v.is_number(0.0, 1.0, low_open=True), 'a number in (0, 1]'),
+    ('dedup.seed', v.is_int(0), 'an int >= 0 (numpy seeds are non-negative)'),
+    ('split.validation', v.is_number(0.0, 1.0, high_open=True), 'a number in [0, 1)'),
+    ('split.test', v.is_number(0.0, 1.0, high_open=True), 'a number in [0, 1)'),
+    ('tokenizer.vocab_size', v.is_int(1), 'an int >= 1'),
+    ('tokenizer.model_type', _one_of(MODEL_TYPES), f'one of {list(MODEL_TYPES)}'),
+    ('tokenizer.input_sentence_size', v.is_int(0), 'an int >= 0'),
+)
 
 
 def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """Checks every value's range and choice; raises UserError naming the key."""
-  inf = float('inf')
-  _choice(config, 'source.kind', SOURCE_KINDS)
+  v.check(config, RULES)
   for suffix in str(config.source.text_suffixes).split(','):
     if suffix.strip() and not suffix.strip().startswith('.'):
       raise UserError(f'Config key source.text_suffixes={config.source.text_suffixes!r}: '
                       f'{suffix.strip()!r} does not start with a dot.')
-  _choice(config, 'clean.normalization', NORMALIZATIONS)
-  _number(config, 'clean.min_chars', 0, inf, integer=True)
-  _number(config, 'clean.max_line_chars', 1, inf, integer=True)
-  _number(config, 'clean.min_alnum_fraction', 0.0, 1.0)
-  _number(config, 'clean.max_repeated_line_fraction', 0.0, 1.0)
-  # ngram 0 makes every document one empty shingle: all "near duplicates".
-  _number(config, 'dedup.ngram', 1, inf, integer=True)
-  _number(config, 'dedup.num_perm', 1, inf, integer=True)
-  # Jaccard 0 would call any two documents duplicates; above 1 none ever is.
-  _number(config, 'dedup.threshold', 0.0, 1.0, low_open=True)
-  _number(config, 'dedup.seed', 0, inf, integer=True)   # numpy seeds are non-negative.
-  _number(config, 'split.validation', 0.0, 1.0, high_open=True)
-  _number(config, 'split.test', 0.0, 1.0, high_open=True)
   if config.split.validation + config.split.test >= 1.0:
     raise UserError(f'Config keys split.validation={config.split.validation!r} + split.test='
                     f'{config.split.test!r} must be < 1 to leave documents for train.')
-  _number(config, 'tokenizer.vocab_size', 1, inf, integer=True)
   if config.tokenizer.vocab_size <= TOKENIZER_RESERVED_IDS:
     raise UserError(
         f'Config key tokenizer.vocab_size={config.tokenizer.vocab_size} leaves no room for '
         f'learned pieces: {TOKENIZER_RESERVED_IDS} ids are reserved (specials, chat control '
         f'tokens, newline, 256 bytes); use at least {TOKENIZER_RESERVED_IDS + 1}.')
-  _choice(config, 'tokenizer.model_type', MODEL_TYPES)
-  _number(config, 'tokenizer.input_sentence_size', 0, inf, integer=True)
   return config
 
 
