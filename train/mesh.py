@@ -147,24 +147,14 @@ def _as_axes(axes: Any) -> Any:
   return axes
 
 
-def batch_sharding(mesh: jax.sharding.Mesh, rules: Rules, ndim: int = 2
-                   ) -> jax.sharding.NamedSharding:
-  """Sharding of a batch field of rank `ndim`: batch over the data-like axes.
+def batch_sharding(mesh: jax.sharding.Mesh, rules: Rules) -> jax.sharding.NamedSharding:
+  """Sharding of a [batch, length] input array: batch over the data-like axes.
 
-  [B] per-example values, [B, L] per-token fields, [B, L, ...] beyond: the
-  batch axis is always split the same way, so every field of a row lives on
-  the devices that hold the row.
+  Fields of another rank ([B] per-example values) split their batch axis the
+  same way (`data_pipeline.loader.global_batch` derives their sharding).
   """
-  names = ('activation_batch', 'activation_length')[:ndim] + (None,) * max(ndim - 2, 0)
-  spec = nn.logical_to_mesh_axes(names, rules)
+  spec = nn.logical_to_mesh_axes(('activation_batch', 'activation_length'), rules)
   return jax.sharding.NamedSharding(mesh, spec)
-
-
-def batch_shardings(mesh: jax.sharding.Mesh, rules: Rules,
-                    batch: Any) -> dict[str, jax.sharding.NamedSharding]:
-  """One sharding per field of `batch` (arrays or shapes), each of its own rank."""
-  return {name: batch_sharding(mesh, rules, len(getattr(x, 'shape', x)))
-          for name, x in batch.items()}
 
 
 def replicated(mesh: jax.sharding.Mesh) -> jax.sharding.NamedSharding:
