@@ -27,7 +27,12 @@ $(LIBTPU)/.installed: $(VENV)/.installed requirements-tpu.lock
 	$(PY) -m pip install --quiet --no-deps --target $(LIBTPU) -r requirements-tpu.lock
 	touch $@
 
-install-test: install $(LIBTPU)/.installed
+# PyTorch + transformers: only the reference for the Hugging Face checkpoint tests.
+$(VENV)/.installed-test: $(VENV)/.installed requirements-test.lock
+	$(PY) -m pip install --quiet -r requirements-test.lock
+	touch $@
+
+install-test: install $(LIBTPU)/.installed $(VENV)/.installed-test
 
 demo: install
 	$(PY) -m data_pipeline --config=configs/data.py:stdlib --workdir=$(DATA)

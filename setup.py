@@ -26,6 +26,8 @@ setup(
         'tqdm>=4.66',
         'matplotlib>=3.8',
         'tensorboardX>=2.6',
+        'safetensors>=0.4',
+        'scipy>=1.11',
     ],
     extras_require={
         'test': ['pytest>=8', 'nbclient>=0.10', 'nbformat>=5.10', 'ipykernel>=6.29'],
