@@ -153,3 +153,45 @@ def test_init_from_a_run_with_another_tokenizer_is_refused(setup, tmp_path):
     config.init_from = str(tmp_path)
   with pytest.raises(UserError, match='no config.json'):
     stage_lib.adopt_init_from(config, None)
+
+
+def test_a_stages_frozen_tree_reaches_the_loss_and_is_never_changed(setup, tmp_path):
+  """A stage's `frozen` hook (here: init_from's params as a reference) feeds every step."""
+  import dataclasses  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from train import objectives  # pylint: disable=g-import-not-at-top
+  from train import sft  # pylint: disable=g-import-not-at-top
+  kept = {}
+
+  def frozen(built):
+    _, reference = stage_lib.params_from_run(built.init_from, built.abstract_state.params)
+    kept.update(tree=reference, copy=jax.device_get(reference))
+    return reference, built.state_shardings.params
+
+  def loss(config, model):
+    del config
+    next_token = objectives.next_token(model)
+
+    def loss_fn(params, batch, rng, reference):
+      total, aux = next_token(params, batch, rng, None)
+      distance = sum(jnp.sum(jnp.square(p - r)) for p, r in
+                     zip(jax.tree.leaves(params), jax.tree.leaves(reference)))
+      # Reported per count like every aux sum: train/distance is the squared distance.
+      return total, dict(aux, distance=jax.lax.stop_gradient(distance) * aux['count'])
+    return loss_fn
+
+  stage = dataclasses.replace(sft.STAGE, loss=loss, eval_loss=loss, frozen=frozen)
+  config = sft_config.get_config(f'tiny,{MODEL},num_train_steps=3,eval_every=3,'
+                                 'data.source=files,data.validation=0.2,data.test=0.2')
+  with config.unlocked():
+    config.data.paths = setup['jsonl']
+    config.data.tokenizer = f'{setup["data"]}/tokenizer.model'
+    config.data.workdir = str(tmp_path / 'sft_data')
+    config.init_from = setup['pretrained']
+  stage_lib.run(stage, config, str(tmp_path / 'run'))
+  records = [json.loads(l) for l in open(tmp_path / 'run' / 'metrics.jsonl')]
+  distances = [r['train/distance'] for r in records if 'train/distance' in r]
+  assert distances[0] == 0.0 and distances[-1] > 0.0   # starts at the reference, moves off
+  assert [r['eval/distance'] for r in records if 'eval/distance' in r][-1] > 0.0
+  # The reference was passed by reference every step, never donated or updated.
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(kept['tree']), kept['copy'])

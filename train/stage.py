@@ -65,6 +65,10 @@ class Stage:
   loss: (config, model) -> the training loss_fn (train/objectives.py).
   eval_loss: (config, model) -> the evaluation loss_fn; its aux sums become
     `eval/<name>` metrics and `eval/loss` decides the best checkpoint.
+  frozen: (Built) -> (tree, shardings): the trees the losses read but never
+    train (a reference policy, a reward model), placed once and passed to
+    every train and eval step as the loss_fn's `frozen` argument; None for
+    stages that need none.
   """
   name: str
   validate: Callable[[ml_collections.ConfigDict], None]
@@ -72,6 +76,21 @@ class Stage:
   loss: Callable[[Any, Any], objectives.LossFn] = steps_lib.default_loss
   eval_loss: Callable[[Any, Any], objectives.LossFn] = (
       lambda config, model: objectives.next_token(model))
+  frozen: Callable[['Built'], tuple[Any, Any]] | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Built:
+  """What `run` has built before the steps, for a stage's `frozen` hook.
+
+  init_from: the resolved source run directory, or None.
+  """
+  config: ml_collections.ConfigDict
+  model: transformer.Transformer
+  mesh: jax.sharding.Mesh
+  abstract_state: state_lib.TrainState
+  state_shardings: state_lib.TrainState
+  init_from: str | None
 
 
 def model_config(config: ml_collections.ConfigDict) -> model_config_lib.ModelConfig:
@@ -137,24 +156,31 @@ def adopt_init_from(config: ml_collections.ConfigDict,
   return source
 
 
-def state_from_run(config: ml_collections.ConfigDict, abstract: state_lib.TrainState,
-                   shardings: state_lib.TrainState, source: str) -> state_lib.TrainState:
-  """A fresh state whose params are `source`'s newest good checkpoint's, on this mesh.
+def params_from_run(source: str, abstract_params: Any) -> tuple[int, Any]:
+  """(step, params) of `source`'s newest good checkpoint, placed like `abstract_params`.
 
-  `abstract` and `shardings` are this run's state (`state_lib.abstract_state`).
-
-  The checkpoint's parameter tree must equal this model's, extra keys included.
+  The checkpoint's parameter tree must equal `abstract_params`' (shape and
+  sharding structs), extra keys included.
   """
   directory = os.fspath(epath.Path(source) / run_files.CHECKPOINT_DIR)
   reader = checkpoint_lib.Checkpointer(directory, read_only=True)
   try:
-    step, params = reader.restore_params(None, abstract.params)
+    return reader.restore_params(None, abstract_params)
   except checkpoint_lib.CheckpointMismatchError:
     raise
   except checkpoint_lib.CheckpointError as e:
     raise UserError(f'init_from={source}: {e}') from None
   finally:
     reader.close()
+
+
+def state_from_run(config: ml_collections.ConfigDict, abstract: state_lib.TrainState,
+                   shardings: state_lib.TrainState, source: str) -> state_lib.TrainState:
+  """A fresh state whose params are `source`'s newest good checkpoint's, on this mesh.
+
+  `abstract` and `shardings` are this run's state (`state_lib.abstract_state`).
+  """
+  step, params = params_from_run(source, abstract.params)
   print(f'Initialised the parameters from {source} (step {step}); optimizer state fresh.',
         flush=True)
   tx, _ = optimizer_lib.make_optimizer(config.optimizer, config.num_train_steps)
@@ -199,12 +225,19 @@ def run(stage: Stage, config: ml_collections.ConfigDict, workdir: str) -> loop.L
     # Whichever ends first: num_train_steps (if > 0) or num_epochs over the data.
     loop_cfg = dataclasses.replace(
         loop_cfg, num_train_steps=min(loop_cfg.num_train_steps or data_steps, data_steps))
+  frozen, frozen_shardings = None, None
+  if stage.frozen is not None:
+    frozen, frozen_shardings = stage.frozen(Built(
+        config=config, model=model, mesh=mesh, abstract_state=abstract_state,
+        state_shardings=state_shardings, init_from=init_from))
   # The learning-rate schedule spans the steps the run really takes.
   train_step = steps_lib.make_train_step(config, model, mesh, state_shardings, batch_sharding,
-                                         loss_fn=stage.loss(config, model),
+                                         loss_fn=stage.loss(config, model), frozen=frozen,
+                                         frozen_shardings=frozen_shardings,
                                          num_train_steps=loop_cfg.num_train_steps)
   eval_step = steps_lib.make_eval_step(config, model, mesh, state_shardings.params,
-                                       batch_sharding, loss_fn=stage.eval_loss(config, model))
+                                       batch_sharding, loss_fn=stage.eval_loss(config, model),
+                                       frozen=frozen, frozen_shardings=frozen_shardings)
   eval_steps = config.eval_steps if config.eval_steps and config.eval_steps > 0 else None
   evaluate = None
   if config.eval_every:
