@@ -28,12 +28,19 @@ Batch = Mapping[str, jax.Array]
 LossFn = Callable[[Any, Batch, jax.Array | None, Any], tuple[jax.Array, dict[str, jax.Array]]]
 
 
-def forward(model: nn.Module, params: Any, batch: Batch, rng: jax.Array | None) -> jax.Array:
-  """The model on a packed batch; dropout only when an rng is given."""
+def forward(model: nn.Module, params: Any, batch: Batch, rng: jax.Array | None, *,
+            head: str = 'lm', tokens: str = 'tokens') -> jax.Array:
+  """The model on a packed batch; dropout only when an rng is given.
+
+  head: 'lm' (logits), 'hidden' or 'scalar' (model/transformer.py). tokens:
+  the batch field to read (a preference batch has 'chosen' and 'rejected'
+  rows sharing one `segment_ids`/`positions`). Every stage runs its model
+  through here, so a change of how params reach the model (LoRA) is made once.
+  """
   rngs = {} if rng is None else {'dropout': rng}
-  return model.apply({'params': params}, batch['tokens'],
+  return model.apply({'params': params}, batch[tokens],
                      segment_ids=batch.get('segment_ids'), positions=batch.get('positions'),
-                     deterministic=rng is None, rngs=rngs)
+                     deterministic=rng is None, rngs=rngs, head=head)
 
 
 def next_token(model: nn.Module, z_loss: float = 0.0, dropout: bool = False) -> LossFn:
