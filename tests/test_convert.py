@@ -216,6 +216,50 @@ def test_llama3_rope_matches_transformers():
   np.testing.assert_allclose(ours, ref.transpose(1, 2).numpy(), atol=2e-4, rtol=0)
 
 
+def _strata_run(workdir: str, **model_changes) -> None:
+  """A run directory as a training stage leaves it: config.json and a checkpoint."""
+  import flax.linen as nn
+  from configs import pretrain
+  from model.transformer import Transformer
+  from train import checkpoint as checkpoint_lib
+  from train import run_files
+  config = pretrain.get_config('tiny')
+  config.model.update(dict(vocab_size=VOCAB, d_model=32, num_layers=2, num_heads=4,
+                           num_kv_heads=2, head_dim=8, mlp_dim=48, max_len=64, **model_changes))
+  config.seq_len = 64
+  cfg = ModelConfig.from_config(config.model)
+  params = nn.meta.unbox(Transformer(cfg).init(jax.random.key(7), np.zeros((1, 8), np.int32)))
+  params = jax.tree.map(lambda x: x + 0.1 * jax.random.normal(jax.random.key(8), x.shape),
+                        params['params'])   # norm scales off 1
+  checkpointer = checkpoint_lib.Checkpointer(os.path.join(workdir, 'checkpoints'),
+                                             async_save=False)
+  checkpointer.save(0, {'params': params}, {}, {})
+  checkpointer.close()
+  run_files.write_config(config, workdir)
+
+
+def test_export_of_a_strata_run_folds_the_input_scale_and_refuses_what_llama_lacks(tmp_path):
+  # Untied with the sqrt(d) input multiplier (the large presets): it folds into the table.
+  workdir = str(tmp_path / 'run')
+  _strata_run(workdir, tie_embeddings=False, scale_embeddings=True, scan_layers=False)
+  out = str(tmp_path / 'hf')
+  assert convert.export_checkpoint(workdir, out)['dtype'] == 'float32'
+  hf_config = json.load(open(os.path.join(out, 'config.json')))
+  assert (hf_config['bos_token_id'], hf_config['eos_token_id']) == (2, 3)  # strata's ids
+  _, model, params, _, _ = run_dir.load_run(workdir)
+  reloaded = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+  tokens = np.random.default_rng(5).integers(0, VOCAB, (2, 11))
+  np.testing.assert_allclose(_hf_logits(reloaded, tokens),
+                             np.asarray(model.apply({'params': params}, tokens)),
+                             atol=1e-5, rtol=0)
+  # Tied with a logit scale: nothing in a Hugging Face Llama can hold it.
+  tied = str(tmp_path / 'tied')
+  _strata_run(tied, tie_embeddings=True, scale_embeddings=False, scale_tied_logits=True)
+  with pytest.raises(UserError, match='scale_tied_logits'):
+    convert.export_checkpoint(tied, str(tmp_path / 'hf_tied'))
+  assert not (tmp_path / 'hf_tied').exists()
+
+
 def _write_config(directory, **changes) -> str:
   hf = _hf_config(tied=False).to_dict()
   hf.update(changes)

@@ -294,6 +294,24 @@ def hf_shape(layout: str, shape: Sequence[int]) -> tuple[int, ...]:
   raise ValueError(f'unknown layout {layout!r}')
 
 
+def flat_params(params: Any) -> dict[tuple[str, ...], Any]:
+  """{('layers', 'attn', 'wq'): leaf} of a parameter tree (arrays or shapes)."""
+  return {tuple(k.key for k in path): leaf
+          for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]}
+
+
+def hf_entries(cfg: Any, params: Any, file_dtype: np.dtype
+               ) -> list[tuple[str, tuple[int, ...], np.dtype]]:
+  """(name, shape, dtype) of every Hugging Face tensor of `params`, in file order."""
+  flat = flat_params(params)
+  entries = []
+  for tensor in tensor_map(cfg):
+    shape = flat[tensor.path].shape[1:] if tensor.stacked else flat[tensor.path].shape
+    entries += [(name, hf_shape(tensor.layout, shape), np.dtype(file_dtype))
+                for name in hf_names(tensor, cfg.num_layers)]
+  return entries
+
+
 def to_hf(layout: str, x: np.ndarray) -> np.ndarray:
   """One layer's parameter in the Hugging Face layout (C-contiguous)."""
   if layout == 'same':
@@ -441,7 +459,8 @@ def run_config(model_keys: dict[str, Any], workdir: str, *, dtype: str, param_dt
   """The run's config.json: the `1b` pre-training preset with the checkpoint's model.
 
   `data.workdir` is the run itself, so no other data's tokenizer is ever taken
-  for this model's; `hf` records the source, its dtype and token ids for export.
+  for this model's (train.evaluate then needs --data_dir); `hf` records the
+  source, its dtype and token ids for export.
   """
   from configs import pretrain  # pylint: disable=g-import-not-at-top
   config = pretrain.get_config('1b')
@@ -453,6 +472,8 @@ def run_config(model_keys: dict[str, Any], workdir: str, *, dtype: str, param_dt
   if config.seq_len > model.max_len:
     raise UserError(f'--seq_len={config.seq_len} is longer than the checkpoint\'s '
                     f'max_position_embeddings ({model.max_len}).')
+  # What train.evaluate scores at once by default (the preset's 256 rows are a pod's).
+  config.batch_size = 8
   config.data.workdir = workdir
   config.hf = ml_collections.ConfigDict(hf_info)
   return config
@@ -680,13 +701,8 @@ def export_checkpoint(workdir: str, hf_dir: str, *, step: int | None = None,
   file_dtype = FILE_DTYPES[codes[export_dtype]]
 
   tensors = tensor_map(cfg)
-  flat = {tuple(k.key for k in path): leaf
-          for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]}
-  entries = []
-  for tensor in tensors:
-    shape = flat[tensor.path].shape[1:] if tensor.stacked else flat[tensor.path].shape
-    entries += [(name, hf_shape(tensor.layout, shape), file_dtype)
-                for name in hf_names(tensor, cfg.num_layers)]
+  flat = flat_params(params)
+  entries = hf_entries(cfg, params, file_dtype)
   out.mkdir(parents=True, exist_ok=True)
   weights = out / WEIGHTS_FILE
   tmp = os.fspath(weights) + '.tmp'
