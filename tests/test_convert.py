@@ -16,6 +16,7 @@ import subprocess
 import sys
 
 import jax
+import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 import pytest
@@ -54,6 +55,11 @@ def _hf_model(config, seed: int):
 def _hf_logits(model, tokens_BT) -> np.ndarray:
   with torch.no_grad():
     return model(torch.tensor(np.asarray(tokens_BT))).logits.float().numpy()
+
+
+def _logits(model, params, tokens_BT, **kwargs) -> np.ndarray:
+  """Our logits, jitted (one compile instead of one per eager op)."""
+  return np.asarray(jax.jit(model.apply)({'params': params}, tokens_BT, **kwargs))
 
 
 def _read_all(directory: str) -> dict[str, np.ndarray]:
@@ -109,7 +115,7 @@ def test_imported_run_gives_transformers_logits(imported):
   assert not model.config.scale_embeddings
   assert config.hf.dtype == ('bfloat16' if imported['dtype'] == torch.bfloat16 else 'float32')
   tokens = np.random.default_rng(0).integers(0, model.config.vocab_size, (2, 17))
-  ours = np.asarray(jax.jit(model.apply)({'params': imported['params']}, tokens))
+  ours = _logits(model, imported['params'], tokens)
   np.testing.assert_allclose(ours, _hf_logits(imported['hf_model'], tokens), atol=1e-4, rtol=0)
   if imported['tokenizer']:   # the SentencePiece model came along, as generate needs
     assert imported['run_tokenizer'].vocab_size == model.config.vocab_size
@@ -124,8 +130,8 @@ def test_two_packed_documents_equal_two_separate_forward_passes(imported):
   tokens = np.concatenate([doc_a, doc_b])[None]
   segment_ids = np.array([[1] * 9 + [2] * 6])
   positions = np.concatenate([np.arange(9), np.arange(6)])[None]
-  ours = np.asarray(model.apply({'params': imported['params']}, tokens,
-                                segment_ids=segment_ids, positions=positions))
+  ours = _logits(model, imported['params'], tokens, segment_ids=segment_ids,
+                 positions=positions)
   ref = np.concatenate([_hf_logits(imported['hf_model'], doc_a[None]),
                         _hf_logits(imported['hf_model'], doc_b[None])], axis=1)
   np.testing.assert_allclose(ours, ref, atol=1e-4, rtol=0)
@@ -145,7 +151,7 @@ def test_export_reproduces_the_tensors_and_transformers_loads_it(imported):
 
   reloaded = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
   tokens = np.random.default_rng(2).integers(0, imported['model'].config.vocab_size, (2, 13))
-  ours = np.asarray(imported['model'].apply({'params': imported['params']}, tokens))
+  ours = _logits(imported['model'], imported['params'], tokens)
   np.testing.assert_allclose(_hf_logits(reloaded, tokens), ours, atol=1e-5, rtol=0)
 
 
@@ -162,10 +168,10 @@ def test_sharded_llama3_checkpoint_imports_and_init_from_takes_its_rope(tmp_path
   assert (model.config.rope_scaling, model.config.rope_original_max_len) == ('llama3', 16)
   # Positions past the original context, where the scaling changes the angles.
   tokens = np.random.default_rng(3).integers(0, VOCAB, (1, 40))
-  ours = np.asarray(model.apply({'params': params}, tokens))
+  ours = _logits(model, params, tokens)
   np.testing.assert_allclose(ours, _hf_logits(hf_model, tokens), atol=1e-4, rtol=0)
   unscaled = dataclasses.replace(model.config, rope_scaling='none')
-  plain = np.asarray(type(model)(unscaled).apply({'params': params}, tokens))
+  plain = _logits(type(model)(unscaled), params, tokens)
   assert np.abs(plain - ours).max() > 1e-2   # the test would see llama3 scaling ignored
 
   out = str(tmp_path / 'exported')
@@ -216,6 +222,50 @@ def test_llama3_rope_matches_transformers():
   np.testing.assert_allclose(ours, ref.transpose(1, 2).numpy(), atol=2e-4, rtol=0)
 
 
+@pytest.mark.parametrize('layout, shape', [
+    ('same', (12, 10)), ('transpose', (10, 12)), ('heads_out', (10, 4, 6)),
+    ('heads_in', (4, 6, 10)), ('same', (10,))])
+def test_a_shard_reads_exactly_its_slice_of_the_parameter(layout, shape):
+  rng = np.random.default_rng(6)
+  hf = rng.standard_normal(convert.hf_shape(layout, shape)).astype(np.float32)
+  reads = []
+
+  def read(index):
+    reads.append(hf[index].size)
+    return hf[index]
+
+  full = convert.read_block(read, layout, shape, tuple(slice(None) for _ in shape))
+  assert full.shape == tuple(shape)
+  assert _bits_equal(convert.to_hf(layout, full), hf)   # export inverts import
+  for _ in range(10):
+    index = []
+    for n in shape:
+      start = int(rng.integers(0, n))
+      index.append(slice(start, int(rng.integers(start + 1, n + 1))))
+    reads.clear()
+    block = convert.read_block(read, layout, shape, tuple(index))
+    np.testing.assert_array_equal(block, full[tuple(index)])
+    # Only whole heads are read beyond the slice (their head_dim), never the tensor.
+    assert reads[0] <= block.size * (shape[-1] if layout == 'heads_out' else
+                                     shape[1] if layout == 'heads_in' else 1)
+
+
+def test_command_line_import_on_eight_devices_gives_the_same_parameters(tmp_path):
+  hf_dir = str(tmp_path / 'hf')
+  _hf_model(_hf_config(tied=False), seed=9).save_pretrained(hf_dir)
+  sharded, single = str(tmp_path / 'sharded'), str(tmp_path / 'single')
+  proc = subprocess.run(
+      [sys.executable, '-m', 'train.convert', 'import', f'--hf_dir={hf_dir}',
+       f'--workdir={sharded}'], cwd=REPO, capture_output=True, text=True, timeout=300,
+      env=dict(os.environ, JAX_PLATFORMS='cpu',
+               XLA_FLAGS='--xla_force_host_platform_device_count=8'))
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert 'Imported' in proc.stdout
+  convert.import_checkpoint(hf_dir, single)
+  a, b = run_dir.load_run(sharded)[2], run_dir.load_run(single)[2]
+  assert jax.tree.all(jax.tree.map(lambda x, y: _bits_equal(np.asarray(x), np.asarray(y)), a, b))
+
+
 def _strata_run(workdir: str, **model_changes) -> None:
   """A run directory as a training stage leaves it: config.json and a checkpoint."""
   import flax.linen as nn
@@ -228,9 +278,13 @@ def _strata_run(workdir: str, **model_changes) -> None:
                            num_kv_heads=2, head_dim=8, mlp_dim=48, max_len=64, **model_changes))
   config.seq_len = 64
   cfg = ModelConfig.from_config(config.model)
-  params = nn.meta.unbox(Transformer(cfg).init(jax.random.key(7), np.zeros((1, 8), np.int32)))
-  params = jax.tree.map(lambda x: x + 0.1 * jax.random.normal(jax.random.key(8), x.shape),
-                        params['params'])   # norm scales off 1
+  # numpy draws on the real init's shapes: compiling jax.random would cost more than the test.
+  shapes = jax.eval_shape(Transformer(cfg).init, jax.random.key(0), jnp.zeros((1, 8), jnp.int32))
+  rng = np.random.default_rng(7)
+  params = jax.tree.map(   # norm scales near 1, not 1, so a wrong norm mapping would show
+      lambda s: jax.device_put((rng.standard_normal(s.shape) * 0.2 + (s.ndim == 1))
+                               .astype(np.float32)),
+      nn.meta.unbox(shapes['params']))
   checkpointer = checkpoint_lib.Checkpointer(os.path.join(workdir, 'checkpoints'),
                                              async_save=False)
   checkpointer.save(0, {'params': params}, {}, {})
@@ -250,7 +304,7 @@ def test_export_of_a_strata_run_folds_the_input_scale_and_refuses_what_llama_lac
   reloaded = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
   tokens = np.random.default_rng(5).integers(0, VOCAB, (2, 11))
   np.testing.assert_allclose(_hf_logits(reloaded, tokens),
-                             np.asarray(model.apply({'params': params}, tokens)),
+                             _logits(model, params, tokens),
                              atol=1e-5, rtol=0)
   # Tied with a logit scale: nothing in a Hugging Face Llama can hold it.
   tied = str(tmp_path / 'tied')

@@ -584,17 +584,18 @@ def _make_param(files: CheckpointFiles, tensor: Tensor, target: jax.ShapeDtypeSt
   layer_shape = target.shape[1:] if tensor.stacked else target.shape
 
   def layer_block(layer: int, index: tuple[slice, ...]) -> np.ndarray:
+    # In the file's dtype, possibly a transposed view: the one copy comes below.
     read = lambda hf_index: files.read(names[layer], hf_index)
-    return read_block(read, tensor.layout, layer_shape, index).astype(dtype)
+    return read_block(read, tensor.layout, layer_shape, index)
 
   def shard(index: tuple[slice, ...]) -> np.ndarray:
-    if not tensor.stacked:
-      return np.ascontiguousarray(layer_block(0, index))
+    if not tensor.stacked:   # cast and made contiguous in one copy
+      return np.array(layer_block(0, index), dtype=dtype, order='C')
     first, last = _bounds(index[:1], target.shape[:1])[0]
     shape = [last - first] + [b - a for a, b in _bounds(index[1:], layer_shape)]
     out = np.empty(shape, dtype)
     for layer in range(first, last):
-      out[layer - first] = layer_block(layer, index[1:])
+      out[layer - first] = layer_block(layer, index[1:])   # cast on assignment
     return out
 
   return jax.make_array_from_callback(target.shape, target.sharding, shard)
