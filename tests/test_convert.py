@@ -314,6 +314,26 @@ def test_export_of_a_strata_run_folds_the_input_scale_and_refuses_what_llama_lac
   assert not (tmp_path / 'hf_tied').exists()
 
 
+def test_config_fields_in_the_old_and_the_transformers_5_form_map_alike():
+  base = dict(model_type='llama', architectures=['LlamaForCausalLM'], vocab_size=100,
+              hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+              num_attention_heads=8, max_position_embeddings=4096)
+  scaling = dict(factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                 original_max_position_embeddings=1024)
+  new = convert.model_keys_from_hf(
+      dict(base, rope_parameters=dict(rope_type='llama3', rope_theta=5e5, **scaling)), 'new')
+  old = convert.model_keys_from_hf(
+      dict(base, rope_theta=5e5, rope_scaling=dict(type='llama3', **scaling)), 'old')
+  assert new == old
+  assert (new['rope_theta'], new['rope_scaling'], new['rope_original_max_len']) == (
+      5e5, 'llama3', 1024)
+  # Absent fields take LlamaConfig's defaults: MHA, hidden/heads, untied, theta 1e4.
+  plain = convert.model_keys_from_hf(base, 'plain')
+  assert (plain['num_kv_heads'], plain['head_dim'], plain['tie_embeddings']) == (8, 8, False)
+  assert (plain['rope_theta'], plain['rope_scaling'], plain['norm_eps']) == (1e4, 'none', 1e-6)
+  assert not plain['scale_embeddings']
+
+
 def _write_config(directory, **changes) -> str:
   hf = _hf_config(tied=False).to_dict()
   hf.update(changes)

@@ -124,8 +124,9 @@ def _rope(hf: dict[str, Any], where: str) -> dict[str, Any]:
   if rope_type not in ROPE_TYPES:
     raise UserError(f'{where}: "{field}.rope_type" is {rope_type!r}; strata implements '
                     f'{" and ".join(ROPE_TYPES)} RoPE only.')
-  partial = params.get('partial_rotary_factor', hf.get('partial_rotary_factor', 1.0))
-  if partial != 1.0:
+  partial = params.get('partial_rotary_factor')
+  partial = hf.get('partial_rotary_factor') if partial is None else partial
+  if partial not in (None, 1, 1.0):
     raise UserError(f'{where}: "partial_rotary_factor" is {partial!r}; strata rotates the '
                     'whole head (1.0) only.')
   theta = params.get('rope_theta', hf.get('rope_theta', 10000.0))
