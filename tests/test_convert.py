@@ -142,7 +142,8 @@ def test_export_reproduces_the_tensors_and_transformers_loads_it(imported):
   summary = convert.export_checkpoint(imported['workdir'], out)
   assert summary['dtype'] == imported['config'].hf.dtype   # back in the file's own dtype
   source, exported = _read_all(imported['hf_dir']), _read_all(out)
-  assert sorted(exported) == sorted(source)   # tied: no lm_head in either
+  assert sorted(exported) == sorted(source)
+  assert ('lm_head.weight' in exported) == (not imported['tied'])
   for name, value in source.items():
     assert _bits_equal(exported[name], value), name
   hf_config = json.load(open(os.path.join(out, 'config.json')))

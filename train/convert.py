@@ -434,6 +434,9 @@ class CheckpointFiles:
 # ------------------------------------------------------- import
 
 def _read_hf_config(hf_dir: str) -> tuple[dict[str, Any], str]:
+  if paths.is_remote(hf_dir):
+    raise UserError(f'--hf_dir={hf_dir}: give a local directory (safetensors maps local '
+                    'files); copy the checkpoint here first.')
   directory = epath.Path(hf_dir)
   if not directory.is_dir():
     raise UserError(f'--hf_dir={hf_dir} is not a directory.')
