@@ -36,6 +36,7 @@ from configs import pretrain
 from model import config as model_config_lib
 from model import transformer
 from train import convert
+from train import hf_files
 
 _PRESET = flags.DEFINE_string('preset', '1b', 'configs/pretrain.py preset giving the shape.')
 _HF_DTYPE = flags.DEFINE_enum('hf_dtype', 'bfloat16', ['float32', 'bfloat16', 'float16'],
@@ -53,13 +54,13 @@ def write_random_checkpoint(cfg: model_config_lib.ModelConfig, hf_dir: str, dtyp
                             seed: int = 0) -> int:
   """A random LlamaForCausalLM directory of `cfg`'s shape; returns the file's bytes."""
   os.makedirs(hf_dir, exist_ok=True)
-  file_dtype = convert.FILE_DTYPES[{v: k for k, v in convert.DTYPE_NAMES.items()}[dtype]]
+  file_dtype = hf_files.DTYPES[dtype]
   tokens = jax.ShapeDtypeStruct((1, 8), jnp.int32)
   shapes = jax.eval_shape(transformer.Transformer(cfg).init, jax.random.key(0), tokens)
   entries = convert.hf_entries(cfg, nn.meta.unbox(shapes['params']), file_dtype)
   rng = np.random.default_rng(seed)
-  path = os.path.join(hf_dir, convert.WEIGHTS_FILE)
-  writer = convert.SafetensorsWriter(path, entries)
+  path = os.path.join(hf_dir, hf_files.WEIGHTS_FILE)
+  writer = hf_files.SafetensorsWriter(path, entries)
   for name, shape, _ in entries:
     value = rng.standard_normal(shape, dtype=np.float32) * np.float32(0.02)
     if name.endswith('norm.weight'):

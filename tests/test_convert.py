@@ -25,6 +25,7 @@ from configs.cli import UserError
 from model import rope
 from model.config import ModelConfig
 from train import convert
+from train import hf_files
 from train import run_dir
 
 torch = pytest.importorskip('torch')
@@ -386,7 +387,7 @@ def test_safetensors_writer_output_reads_back_with_safetensors(tmp_path):
             'b': np.array([1.5, -2.0, 3.25], ml_dtypes.bfloat16),
             'c': np.ones((1, 1, 5), np.float16)}
   path = str(tmp_path / 'x.safetensors')
-  writer = convert.SafetensorsWriter(path, [(k, v.shape, v.dtype) for k, v in arrays.items()])
+  writer = hf_files.SafetensorsWriter(path, [(k, v.shape, v.dtype) for k, v in arrays.items()])
   for name, value in arrays.items():
     writer.write(name, value)
   writer.close()
