@@ -23,7 +23,7 @@ files only the slice that one device holds (per layer, through
 for that read, so no memory map keeps a second copy of the checkpoint
 resident. Besides the parameters (on CPU they are the device arrays), the host
 holds one parameter's shard being made and, while the checkpoint is saved,
-Orbax's buffers: benchmarks/convert_memory.py measured a peak of 1.5x the
+Orbax's buffers: benchmarks/convert_memory.py measured a peak of 1.44x the
 parameters (plus the process's own 0.3 GiB) for a 1b-shaped import on CPU.
 
 `export` writes `config.json` and one `model.safetensors` that
