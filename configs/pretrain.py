@@ -62,6 +62,12 @@ def _model(**kwargs) -> ml_collections.ConfigDict:
       mlp_dim=704,
       max_len=256,
       rope_theta=10000.0,
+      # Llama 3.1's context extension (model/config.py); off unless 'llama3'.
+      rope_scaling='none',
+      rope_scaling_factor=8.0,
+      rope_low_freq_factor=1.0,
+      rope_high_freq_factor=4.0,
+      rope_original_max_len=8192,
       tie_embeddings=False,
       # Input and tied-logit scaling and the table's init (model/config.py):
       # untied presets scale the input; tied ones use _tied().

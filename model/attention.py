@@ -47,7 +47,7 @@ from jax.sharding import PartitionSpec as P
 
 from model.config import ModelConfig
 from model.layers import matmul
-from model.rope import apply_rope
+from model.rope import apply_rope, scaling_of
 
 # Large but finite, so a row with every key masked gives a finite (uniform)
 # softmax instead of NaN; the splash kernel uses the same value.
@@ -291,8 +291,8 @@ class Attention(nn.Module):
     if self.decode and positions_BT is None:
       positions_BT = (cache['cache_index'].value[:, None]
                       + jnp.arange(x_BTD.shape[1], dtype=jnp.int32))
-    q_BTNH = apply_rope(q_BTNH, positions_BT, cfg.rope_theta)
-    k_BTKH = apply_rope(k_BTKH, positions_BT, cfg.rope_theta)
+    q_BTNH = apply_rope(q_BTNH, positions_BT, cfg.rope_theta, scaling_of(cfg))
+    k_BTKH = apply_rope(k_BTKH, positions_BT, cfg.rope_theta, scaling_of(cfg))
     q_BTNH = checkpoint_name(nn.with_logical_constraint(q_BTNH, BTNH), 'query_proj')
     k_BTKH = checkpoint_name(nn.with_logical_constraint(k_BTKH, BSKH), 'key_proj')
     v_BTKH = checkpoint_name(nn.with_logical_constraint(v_BTKH, BSKH), 'value_proj')

@@ -17,6 +17,8 @@ REMAT_POLICIES = (
     'save_attn_out', 'save_qkv_attn_out', 'save_everything',
 )
 DTYPES = ('float32', 'bfloat16', 'float16')
+# RoPE frequency scalings that `model.rope` implements ('none': plain RoPE).
+ROPE_SCALINGS = ('none', 'llama3')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,6 +35,17 @@ class ModelConfig:
     mlp_dim: hidden width of the SwiGLU MLP.
     max_len: longest sequence the model is meant for (default KV-cache length).
     rope_theta: base of the rotary position embedding frequencies.
+    rope_scaling: 'none', or 'llama3': Llama 3.1's context extension, which
+      divides the low RoPE frequencies by `rope_scaling_factor`, keeps the high
+      ones and interpolates in between (see model/rope.py). The four fields
+      below are read only with 'llama3'; their defaults are Llama 3.1's.
+    rope_scaling_factor: how much the low frequencies are slowed down.
+    rope_low_freq_factor: wavelengths longer than
+      rope_original_max_len / rope_low_freq_factor are fully scaled.
+    rope_high_freq_factor: wavelengths shorter than
+      rope_original_max_len / rope_high_freq_factor are kept.
+    rope_original_max_len: the context length the model was pre-trained with
+      before the extension (Hugging Face `original_max_position_embeddings`).
     tie_embeddings: logits use the input embedding matrix (no separate head).
     scale_embeddings: multiply the looked-up embeddings by sqrt(d_model), so
       the table's 1/sqrt(d_model) init gives a unit-RMS input (as Gemma
@@ -66,6 +79,11 @@ class ModelConfig:
   mlp_dim: int
   max_len: int
   rope_theta: float = 10000.0
+  rope_scaling: str = 'none'
+  rope_scaling_factor: float = 8.0
+  rope_low_freq_factor: float = 1.0
+  rope_high_freq_factor: float = 4.0
+  rope_original_max_len: int = 8192
   tie_embeddings: bool = False
   scale_embeddings: bool = True
   scale_tied_logits: bool = False
@@ -96,6 +114,21 @@ class ModelConfig:
       raise ValueError(f'ModelConfig.dropout_rate must be in [0, 1), got {self.dropout_rate}.')
     if self.rope_theta <= 0:
       raise ValueError(f'ModelConfig.rope_theta must be positive, got {self.rope_theta}.')
+    if self.rope_scaling not in ROPE_SCALINGS:
+      raise ValueError(
+          f'ModelConfig.rope_scaling={self.rope_scaling!r} is not one of {ROPE_SCALINGS}.')
+    if self.rope_scaling == 'llama3':
+      if not self.rope_scaling_factor >= 1.0:
+        raise ValueError('ModelConfig.rope_scaling_factor must be >= 1, got '
+                         f'{self.rope_scaling_factor}.')
+      if not 0 < self.rope_low_freq_factor < self.rope_high_freq_factor:
+        raise ValueError(
+            'ModelConfig needs 0 < rope_low_freq_factor < rope_high_freq_factor, got '
+            f'{self.rope_low_freq_factor} and {self.rope_high_freq_factor}.')
+      value = self.rope_original_max_len
+      if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        raise ValueError(
+            f'ModelConfig.rope_original_max_len must be a positive int, got {value!r}.')
     for name in ('dtype', 'param_dtype'):
       if getattr(self, name) not in DTYPES:
         raise ValueError(
