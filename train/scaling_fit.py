@@ -42,7 +42,7 @@ import numpy as np
 from scipy import optimize
 
 # Iterations of the scouting run every initialisation gets (see _best_fit).
-SCOUT_ITERATIONS = 30
+SCOUT_ITERATIONS = 10
 
 PARAM_NAMES = ('log_A', 'log_B', 'log_E', 'alpha', 'beta')
 
