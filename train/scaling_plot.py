@@ -57,8 +57,11 @@ def loss_vs_compute(report: dict[str, Any], law: scaling_fit.Fit, path: str) -> 
   if prediction is not None:
     held = next(p for p in report['points'] if p['holdout'])
     low, high = prediction['interval_95']
-    ax.errorbar([held['compute']], [prediction['predicted_loss']],
-                yerr=[[prediction['predicted_loss'] - low], [high - prediction['predicted_loss']]],
+    value = prediction['predicted_loss']
+    # A percentile interval need not contain the full-data fit's value (nor, with equal
+    # bootstrap fits, differ from it by more than rounding): clip the bars at zero.
+    ax.errorbar([held['compute']], [value],
+                yerr=[[max(value - low, 0.0)], [max(high - value, 0.0)]],
                 fmt='s', color='tab:red', mfc='none', capsize=4, label='held out: prediction')
     if prediction.get('measured_loss') is not None:
       ax.plot([held['compute']], [prediction['measured_loss']], '*', color='tab:red',
