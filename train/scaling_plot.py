@@ -92,6 +92,9 @@ def isoflop(report: dict[str, Any], law: scaling_fit.Fit, path: str) -> None:
   for p in _finished(report):
     nearest = int(np.argmin(np.abs(np.log(budgets) - np.log(p['compute']))))
     ax.plot([p['params']], [p['eval_loss']], 'o', color=colours[nearest], alpha=0.6)
+  measured = [p['eval_loss'] for p in _finished(report)]
+  if measured:   # far from the sweep the profiles climb steeply; keep the measured band readable
+    ax.set_ylim(min(measured) * 0.9, max(measured) * 1.3)
   ax.set_xscale('log')
   ax.set_xlabel('non-embedding parameters N')
   ax.set_ylabel('validation loss (nats/token)')
