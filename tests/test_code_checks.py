@@ -19,6 +19,10 @@ from train import code_checks
     ('', 'parse', True, False),
     ('def f():\n    return "\\d"\n', 'f', True, True),   # a warning, not an error
     ('def parse(x):\n    import os; os.remove("/")\n', 'parse', True, True),  # never run
+    # A method is asked for as `def tell(self)` of its class and answered by its own def.
+    ('def tell(self):\n    return self._pos\n', 'DecompressReader.tell', True, True),
+    ('def seek(self):\n    return 0\n', 'DecompressReader.tell', True, False),
+    ('def DecompressReader(self):\n    pass\n', 'DecompressReader.tell', True, False),
 ])
 def test_check_completion(completion, name, parses, defines):
   check = code_checks.check_completion(completion, name)

@@ -18,8 +18,21 @@ class CodeCheck:
   defines_name: bool    # ... and it defines a function of the requested name at top level
 
 
+def requested_def(function_name: str) -> str:
+  """The name the answer must `def`: a method `Class.name` is answered by `def name(self, ...)`.
+
+  The instructions ask for "the method `def tell(self)` of the class
+  `DecompressReader`" and the reference answer is the method's own source.
+  """
+  return function_name.rsplit('.', 1)[-1]
+
+
 def check_completion(completion: str, function_name: str | None) -> CodeCheck:
-  """Parses `completion` (never runs it) and looks for `def <function_name>` at top level."""
+  """Parses `completion` (never runs it) and looks for the requested `def` at top level.
+
+  `function_name` is a function's name or a method's `Class.name` (see
+  `requested_def`).
+  """
   try:
     with warnings.catch_warnings():   # e.g. invalid escape sequences in generated strings
       warnings.simplefilter('ignore')
@@ -28,4 +41,5 @@ def check_completion(completion: str, function_name: str | None) -> CodeCheck:
     return CodeCheck(parses=False, defines_name=False)
   names = {node.name for node in tree.body
            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))}
-  return CodeCheck(parses=True, defines_name=bool(function_name) and function_name in names)
+  return CodeCheck(parses=True,
+                   defines_name=bool(function_name) and requested_def(function_name) in names)
