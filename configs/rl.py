@@ -109,6 +109,9 @@ def ppo_tiny() -> ml_collections.ConfigDict:
 
 def grpo_1b() -> ml_collections.ConfigDict:
   config = _rl(sft.one_b(), 'grpo')
+  # RL reads the prompts_<split>.jsonl of an SFT data workdir built by train.sft
+  # (local), not the JSONL sources the SFT preset names.
+  config.data.source = 'stdlib'
   config.rollout.update(dict(prompts_per_iteration=64, max_new_tokens=512, max_prompt_len=512))
   config.num_train_steps = 500
   config.checkpoint_every = 50

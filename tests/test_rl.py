@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 
 from configs import rl as rl_config
+from configs.cli import UserError
 from data_pipeline import chat
 from model import decode
 from model import transformer
@@ -172,3 +173,28 @@ def _policy_shapes(shapes):
       node = node.setdefault(part, {})
     node[key[-1]] = np.zeros(shape, np.float32)
   return tree
+
+
+@pytest.mark.parametrize('preset', sorted(rl_config.PRESETS))
+def test_presets_validate(preset):
+  # PPO's command names its reward model (--config.reward.model=runs/rm).
+  suffix = ',reward.model=runs/rm' if preset.startswith('ppo') else ''
+  rl_config.validate(rl_config.get_config(preset + suffix))
+
+
+@pytest.mark.parametrize('overrides,message', [
+    ('grpo_tiny,rollout.group_size=1', 'group_size must be >= 2'),
+    ('ppo_tiny,reward.function=parses', 'ppo.value_init=reward needs reward.model'),
+    ('grpo_tiny,reward.function=', 'Neither reward.model nor reward.function'),
+    ('grpo_tiny,rl.minibatches=5', 'does not divide the 64 rollouts'),
+    ('grpo_tiny,rollout.max_new_tokens=200', 'exceeds model.max_len=256'),
+    ('grpo_tiny,grpo.aggregation=mean', "grpo.aggregation='mean'"),
+])
+def test_bad_configs_are_one_line_errors(overrides, message):
+  with pytest.raises(UserError, match=message):
+    rl_config.validate(rl_config.get_config(overrides))
+
+
+def test_an_unknown_reward_names_the_known_ones():
+  with pytest.raises(UserError, match='known: .*parses_and_names'):
+    rewards.get('parse', rl_config.grpo_tiny().reward)
