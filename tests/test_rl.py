@@ -186,7 +186,7 @@ def test_presets_validate(preset):
     ('grpo_tiny,rollout.group_size=1', 'group_size must be >= 2'),
     ('ppo_tiny,reward.function=parses', 'ppo.value_init=reward needs reward.model'),
     ('grpo_tiny,reward.function=', 'Neither reward.model nor reward.function'),
-    ('grpo_tiny,rl.minibatches=5', 'does not divide the 64 rollouts'),
+    ('grpo_tiny,rl.minibatches=5', 'does not divide the 48 rollouts'),
     ('grpo_tiny,rollout.max_new_tokens=200', 'exceeds model.max_len=256'),
     ('grpo_tiny,grpo.aggregation=mean', "grpo.aggregation='mean'"),
 ])
