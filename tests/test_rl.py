@@ -30,7 +30,8 @@ from train import rollouts
 
 SMALL = ('model.d_model=32,model.num_layers=1,model.num_heads=2,model.num_kv_heads=1,'
          'model.head_dim=16,model.mlp_dim=64,model.max_len=64,seq_len=64,'
-         'rollout.max_prompt_len=40,rollout.max_new_tokens=16,checkpoint_every=0')
+         'rollout.max_prompt_len=40,rollout.max_new_tokens=16,rollout.temperature=1.0,'
+         'checkpoint_every=0')
 CHOSEN = 100
 
 
