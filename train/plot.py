@@ -3,7 +3,7 @@
   python -m train.plot --workdir=runs/tiny
 
 writes `<workdir>/plots/loss_vs_steps.png`, `loss_vs_tokens.png`,
-`learning_rate.png` and `throughput.png` (the workdir may be a `gs://` URL;
+`learning_rate.png`, `throughput.png` and, for an RL run, `reward_kl.png` (the workdir may be a `gs://` URL;
 files go through `etils.epath`). The loss plots draw the raw train
 loss faintly with a smoothed curve over it and the validation loss with
 markers, and mark the best validation step: when validation rises while
@@ -149,6 +149,27 @@ def _single_plot(records, key: str, path: str, title: str, ylabel: str,
   return True
 
 
+def _reward_kl_plot(records, path: str, title: str) -> bool:
+  """RL runs (train/rl.py): the mean reward, smoothed, and the KL to the reference."""
+  steps, reward = series(records, 'rl/reward_mean')
+  if not len(steps):
+    return False
+  fig, ax = plt.subplots(figsize=(8, 4))
+  ax.plot(steps, reward, color='tab:green', alpha=0.25, linewidth=1)
+  ax.plot(steps, smooth(reward), color='tab:green', linewidth=2, label='mean reward (smoothed)')
+  ax.set_xlabel('iteration')
+  ax.set_ylabel('mean reward', color='tab:green')
+  ax.set_title(title, fontsize=10)
+  ax.grid(True, alpha=0.3)
+  kl_steps, kl = series(records, 'rl/kl_per_sequence')
+  if len(kl_steps):
+    twin = ax.twinx()
+    twin.plot(kl_steps, kl, color='tab:purple', linewidth=1.5)
+    twin.set_ylabel('KL to the reference (nats / sequence)', color='tab:purple')
+  _save(fig, path)
+  return True
+
+
 def _save(fig, path: str) -> None:
   fig.tight_layout()
   # Through a file object, so a gs:// path is written by epath, not taken for a local name.
@@ -178,6 +199,8 @@ def plot_run(workdir: str, out_dir: str | None = None) -> list[str]:
   if _single_plot(records, 'perf/tokens_per_sec', path('throughput.png'),
                   f'{run}: throughput', 'tokens / s', 'perf/mfu', 'MFU (%)'):
     written.append(path('throughput.png'))
+  if _reward_kl_plot(records, path('reward_kl.png'), f'{run}: reward and KL'):
+    written.append(path('reward_kl.png'))
   return written
 
 
