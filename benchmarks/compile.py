@@ -3,6 +3,7 @@
     pip install -e '.[tpu]'    # brings libtpu; compiling needs no TPU attached
     python -m benchmarks.compile --config=configs/pretrain.py:7b --topology=v5p:4x4x4
     python -m benchmarks.compile --config=configs/pretrain.py:1b,batch_size=64 --topology=v5p:2x2x1
+    python -m benchmarks.compile --config=configs/sft.py:7b,lora.rank=16 --topology=v5p:2x2x1
 
 `jax.experimental.topologies` describes the chips of a TPU topology; the mesh,
 the train state and the batch are built over them as `jax.ShapeDtypeStruct`s
@@ -10,6 +11,10 @@ with shardings (nothing is allocated), and the train step, with the splash
 attention kernel, is lowered and compiled by libtpu on this CPU host. XLA's
 memory analysis of the compiled step gives the bytes each chip needs; they are
 compared with the chip's HBM. Prints one JSON object.
+
+A config with `lora.rank` > 0 (a fine-tuning stage's) compiles the LoRA step:
+the state holds the adapters, the base params are the step's frozen argument
+(train/lora.py). An SFT config's batch carries its `loss_mask`.
 """
 
 from __future__ import annotations
@@ -98,14 +103,16 @@ def topology_devices(topology: str, num_slices: int = 1, chip_config_name: str =
 
 def abstract_batch(config: Any, batch_sharding: jax.sharding.Sharding) -> dict[str, Any]:
   shape = (int(config.batch_size), int(config.seq_len))
+  fields = ('tokens', 'segment_ids', 'positions') + (('loss_mask',) if config.get('chat') else ())
   return {name: jax.ShapeDtypeStruct(shape, jnp.int32, sharding=batch_sharding)
-          for name in ('tokens', 'segment_ids', 'positions')}
+          for name in fields}
 
 
 def compile_train_step(config: Any, devices: Sequence[jax.Device]) -> dict[str, Any]:
   """Lowers and compiles the train step over `devices`; returns sizes and timings."""
   from model import config as model_config_lib  # pylint: disable=g-import-not-at-top
   from model import transformer  # pylint: disable=g-import-not-at-top
+  from train import lora as lora_lib  # pylint: disable=g-import-not-at-top
   from train import mesh as mesh_lib  # pylint: disable=g-import-not-at-top
   from train import state as state_lib  # pylint: disable=g-import-not-at-top
   from train import steps as steps_lib  # pylint: disable=g-import-not-at-top
@@ -120,17 +127,31 @@ def compile_train_step(config: Any, devices: Sequence[jax.Device]) -> dict[str, 
   # 'xla' keeps the (traced, never run) init off the TPU-only splash path,
   # which on this CPU host would see the CPU backend.
   init_model = transformer.Transformer(dataclasses.replace(model_cfg, attention_impl='xla'))
-  abstract_state, state_shardings = state_lib.abstract_state(config, init_model, mesh)
   batch_sharding = mesh_lib.batch_sharding(mesh, rules)
-  step = steps_lib.make_train_step(config, model, mesh, state_shardings, batch_sharding)
+  lora_cfg = lora_lib.LoraConfig.from_config(config)
+  if lora_cfg is None:
+    abstract_state, state_shardings = state_lib.abstract_state(config, init_model, mesh)
+    model_params = abstract_state.params
+    step = steps_lib.make_train_step(config, model, mesh, state_shardings, batch_sharding)
+  else:
+    lora = lora_lib.setup(config, init_model, mesh, lora_cfg)
+    abstract_state, state_shardings = lora.abstract_state, lora.state_shardings
+    model_params = lora.base_abstract
+    step = steps_lib.make_train_step(
+        config, model, mesh, state_shardings, batch_sharding,
+        loss_fn=lora_lib.wrap_loss(steps_lib.default_loss(config, model), lora.spec),
+        frozen={'base': lora.base_abstract}, frozen_shardings={'base': lora.base_shardings})
   lowered = step.lower(abstract_state, abstract_batch(config, batch_sharding))
   lower_seconds = time.perf_counter() - start
-  num_params = sum(math.prod(x.shape) for x in jax.tree.leaves(abstract_state.params))
+  num_params = sum(math.prod(x.shape) for x in jax.tree.leaves(model_params))
   data_parallel = mesh.shape['data'] * mesh.shape['fsdp']
   report = {
       'num_devices': len(devices),
       'mesh': dict(mesh.shape),
       'num_params': int(num_params),
+      'trainable_params': state_lib.trainable_params(abstract_state),
+      'optimizer_bytes': state_lib.optimizer_bytes(abstract_state),
+      'lora_rank': 0 if lora_cfg is None else lora_cfg.rank,
       'global_batch': int(config.batch_size),
       'batch_per_chip': config.batch_size / len(devices),
       'batch_per_data_shard': config.batch_size / data_parallel,

@@ -27,6 +27,10 @@ model's tokenizer, and built once into `data.workdir`. `validation`/`test`
 are the held-out fractions by module id, the same as the pre-training data's
 so a held-out function's module was never in pre-training's train split.
 
+LoRA (`lora.*`, configs/lora.py): `--config.lora.rank=8` trains low-rank
+adapters on the attention and MLP projections of the `init_from` run, its
+params frozen (README, "LoRA").
+
 Every other key is the pre-training config's (configs/pretrain.py), with the
 same meaning and checks; `init_from` names a run directory whose parameters
 start the fine-tuning (optimizer state fresh).
@@ -36,6 +40,7 @@ from __future__ import annotations
 
 import ml_collections
 
+from configs import lora
 from configs import overrides
 from configs import pretrain
 from configs import validation as v
@@ -52,7 +57,7 @@ def _sft(base: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   config.num_train_steps = 0
   config.num_epochs = 3
   config.patience = 0
-  return config
+  return lora.add_lora(config)
 
 
 def tiny() -> ml_collections.ConfigDict:
@@ -108,4 +113,5 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if config.data.source == 'files' and not config.data.paths:
     raise UserError('config key data.paths is empty but data.source=files: give the JSONL '
                     'files, e.g. --config.data.paths=data/sft/*.jsonl.')
+  lora.validate(config)
   pretrain.validate(config)

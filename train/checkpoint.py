@@ -7,7 +7,8 @@ One step directory holds three items:
   `loader`: the data-iterator state (JSON, one file per process, all equal:
             it does not depend on the process count), so a run resumed on any
             number of processes sees exactly the batches an uninterrupted one would;
-  `meta`:   JSON with the step and the metrics logged with it.
+  `meta`:   JSON with the step and the metrics logged with it, plus the
+            Checkpointer's `extra_meta` (a LoRA run records its base there).
 
 Saves are asynchronous (the device keeps training while the host writes); call
 `wait()` or `close()` before the process exits. The manager keeps the latest
@@ -256,7 +257,9 @@ class Checkpointer:
 
   def __init__(self, directory: str, *, keep: int = 3, keep_best: bool = True,
                async_save: bool = True, read_only: bool = False,
-               best_metric: str = 'eval/loss', best_mode: str = 'min'):
+               best_metric: str = 'eval/loss', best_mode: str = 'min',
+               extra_meta: dict[str, Any] | None = None):
+    self.extra_meta = dict(extra_meta or {})
     # A string (local and absolute, or a `gs://` URL kept as is) for messages and Orbax.
     self.directory = paths.resolve_str(directory)
     score = functools.partial(best_score_of, metric=best_metric, mode=best_mode)
@@ -317,7 +320,7 @@ class Checkpointer:
     if step in self._manager.all_steps():
       return False
     metrics = _json_safe(metrics)
-    meta = {'step': step, 'metrics': metrics, 'saved_at': time.time()}
+    meta = {**self.extra_meta, 'step': step, 'metrics': metrics, 'saved_at': time.time()}
     args = ocp.args.Composite(**{
         STATE: ocp.args.StandardSave(state),
         LOADER: LoaderSave(loader_state or {}),

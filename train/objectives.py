@@ -22,6 +22,7 @@ from typing import Any, Callable, Mapping
 import flax.linen as nn
 import jax
 
+from train import lora
 from train import losses
 
 Batch = Mapping[str, jax.Array]
@@ -35,8 +36,11 @@ def forward(model: nn.Module, params: Any, batch: Batch, rng: jax.Array | None, 
   head: 'lm' (logits), 'hidden' or 'scalar' (model/transformer.py). tokens:
   the batch field to read (a preference batch has 'chosen' and 'rejected'
   rows sharing one `segment_ids`/`positions`). Every stage runs its model
-  through here, so a change of how params reach the model (LoRA) is made once.
+  through here, so a change of how params reach the model is made once: a
+  LoRA run's loss gets `lora.LoraParams` (base + adapters, train/lora.py).
   """
+  if isinstance(params, lora.LoraParams):
+    params = params.model_params()
   rngs = {} if rng is None else {'dropout': rng}
   return model.apply({'params': params}, batch[tokens],
                      segment_ids=batch.get('segment_ids'), positions=batch.get('positions'),

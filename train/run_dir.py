@@ -5,6 +5,11 @@ a mesh over the devices at hand (the run's own mesh if it fits, else every
 device on the FSDP axis) and restores only the parameters of a checkpoint,
 not the optimizer state. `workdir` may be a `gs://` URL; its files are read
 through `etils.epath`.
+
+A LoRA run's checkpoints hold adapters only: `load_run` restores them, loads
+the base they record (path, step; its fingerprint checked) and returns the
+merged params (train/lora.py), so generation, evaluation and export see one
+plain parameter tree for every run. `load_params(workdir)` is the short form.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from configs.cli import UserError
 from model import config as model_config_lib
 from model import transformer
 from train import checkpoint as checkpoint_lib
+from train import lora as lora_lib
 from train import mesh as mesh_lib
 from train import paths
 from train import run_files
@@ -70,13 +76,28 @@ def load_run(workdir: str, step: int | None = None) -> tuple[
   config = load_config(workdir)
   model = transformer.Transformer(model_config_lib.ModelConfig.from_config(config.model))
   mesh = _mesh_for(config)
-  abstract, _ = state_lib.abstract_state(config, model, mesh)
+  lora_cfg = lora_lib.LoraConfig.from_config(config)
+  if lora_cfg is None:
+    abstract, _ = state_lib.abstract_state(config, model, mesh)
+    lora = None
+  else:
+    lora = lora_lib.setup(config, model, mesh, lora_cfg)
+    abstract = lora.abstract_state
   checkpointer = checkpoint_lib.Checkpointer(os.fspath(epath.Path(workdir) / CHECKPOINT_DIR),
                                              read_only=True)
   try:
     restored_step, params = checkpointer.restore_params(step, abstract.params)
+    recorded = None if lora is None else lora_lib.recorded_base(checkpointer, restored_step)
   finally:
     checkpointer.close()  # Orbax's background threads must not outlive the restore.
+  if lora is not None:
+    if recorded is None:
+      raise UserError(f'{workdir} is a LoRA run but its checkpoint step {restored_step} '
+                      f'records no base ({lora_lib.META_KEY} in its meta).')
+    base, _ = lora_lib.load_base(None, lora, recorded)
+    params = lora_lib.merge(base, params, lora.spec)
+    logging.info('LoRA run %s: adapters of step %d merged into %s step %d.', workdir,
+                 restored_step, recorded['path'], recorded['step'])
   config.checkpoint_step = restored_step
   tokenizer = None
   path = tokenizer_path(config, workdir)
@@ -92,6 +113,12 @@ def load_run(workdir: str, step: int | None = None) -> tuple[
   else:
     logging.warning('No tokenizer found for run %s.', workdir)
   return config, model, params, tokenizer, mesh
+
+
+def load_params(workdir: str, step: int | None = None) -> tuple[ml_collections.ConfigDict, Any]:
+  """(config, params) of `workdir` at `step`: a LoRA run's adapters merged into its base."""
+  config, _, params, _, _ = load_run(workdir, step)
+  return config, params
 
 
 def open_run(workdir: str, step: int | None = None) -> tuple[

@@ -17,6 +17,12 @@ all of them:
      workdir, else initialised: fresh, or from `init_from`'s parameters
      (restored onto this mesh, every key checked) with a fresh optimizer;
   6. writes config.json, tokenizer.model and data.json once the state is there.
+
+With `lora.rank` > 0 (train/lora.py) the state's params are the adapters
+only; the base (init_from's params; on resume the step its checkpoints
+recorded, its fingerprint checked) joins the stage's frozen trees as
+`frozen['base']`, and the stage's losses are wrapped so they see base +
+adapters through `objectives.forward`. A stage needs no LoRA code.
 """
 
 from __future__ import annotations
@@ -39,6 +45,7 @@ from model import config as model_config_lib
 from model import transformer
 from train import checkpoint as checkpoint_lib
 from train import loop
+from train import lora as lora_lib
 from train import mesh as mesh_lib
 from train import mfu
 from train import objectives
@@ -68,7 +75,9 @@ class Stage:
   frozen: (Built) -> (tree, shardings): the trees the losses read but never
     train (a reference policy, a reward model), placed once and passed to
     every train and eval step as the loss_fn's `frozen` argument; None for
-    stages that need none.
+    stages that need none. A dict of named trees ('reference', 'reward');
+    with LoRA on the runner adds 'base' (the un-adapted params), which DPO
+    and RL take as their reference then.
   """
   name: str
   validate: Callable[[ml_collections.ConfigDict], None]
@@ -84,6 +93,10 @@ class Built:
   """What `run` has built before the steps, for a stage's `frozen` hook.
 
   init_from: the resolved source run directory, or None.
+  abstract_params / param_shardings: the model's full parameter tree (to
+    restore a reference model); with LoRA on, `abstract_state.params` are
+    the adapters only, these stay the model's.
+  lora: the LoRA set-up (train/lora.py), None when LoRA is off.
   """
   config: ml_collections.ConfigDict
   model: transformer.Transformer
@@ -91,6 +104,9 @@ class Built:
   abstract_state: state_lib.TrainState
   state_shardings: state_lib.TrainState
   init_from: str | None
+  abstract_params: Any = None
+  param_shardings: Any = None
+  lora: lora_lib.Setup | None = None
 
 
 def model_config(config: ml_collections.ConfigDict) -> model_config_lib.ModelConfig:
@@ -210,7 +226,18 @@ def run(stage: Stage, config: ml_collections.ConfigDict, workdir: str) -> loop.L
   mesh = mesh_lib.make_mesh(config.mesh)
   rules = mesh_lib.logical_rules(config.mesh)
   model = transformer.Transformer(model_cfg)
-  abstract_state, state_shardings = state_lib.abstract_state(config, model, mesh)
+  lora_cfg = lora_lib.LoraConfig.from_config(config)
+  lora = None
+  if lora_cfg is None:
+    abstract_state, state_shardings = state_lib.abstract_state(config, model, mesh)
+    abstract_params, param_shardings = abstract_state.params, state_shardings.params
+  else:
+    if init_from is None:
+      raise UserError(f'config key lora.rank={lora_cfg.rank} needs init_from: LoRA adapts '
+                      'the params of another run (e.g. --config.init_from=runs/tiny).')
+    lora = lora_lib.setup(config, model, mesh, lora_cfg)
+    abstract_state, state_shardings = lora.abstract_state, lora.state_shardings
+    abstract_params, param_shardings = lora.base_abstract, lora.base_shardings
   batch_sharding = mesh_lib.batch_sharding(mesh, rules)
   check_batch(config, mesh, batch_sharding)
   data_dir = config.data.workdir
@@ -225,18 +252,41 @@ def run(stage: Stage, config: ml_collections.ConfigDict, workdir: str) -> loop.L
     # Whichever ends first: num_train_steps (if > 0) or num_epochs over the data.
     loop_cfg = dataclasses.replace(
         loop_cfg, num_train_steps=min(loop_cfg.num_train_steps or data_steps, data_steps))
+  checkpoint_dir = os.fspath(epath.Path(workdir) / run_files.CHECKPOINT_DIR)
   frozen, frozen_shardings = None, None
   if stage.frozen is not None:
     frozen, frozen_shardings = stage.frozen(Built(
         config=config, model=model, mesh=mesh, abstract_state=abstract_state,
-        state_shardings=state_shardings, init_from=init_from))
+        state_shardings=state_shardings, init_from=init_from, abstract_params=abstract_params,
+        param_shardings=param_shardings, lora=lora))
+  train_loss, eval_loss = stage.loss(config, model), stage.eval_loss(config, model)
+  extra_meta = {}
+  if lora is not None:
+    if frozen is not None and not isinstance(frozen, dict):
+      raise TypeError(f'Stage {stage.name}: with LoRA its frozen hook must return a dict of '
+                      'named trees, to which the runner adds "base".')
+    recorded = None
+    if run_files.has_checkpoint(workdir):
+      reader = checkpoint_lib.Checkpointer(checkpoint_dir, read_only=True)
+      try:
+        recorded = lora_lib.recorded_base(reader)
+      finally:
+        reader.close()
+    base, record = lora_lib.load_base(init_from, lora, recorded)
+    print(f'{lora_lib.describe(lora.spec)}; base {record["path"]} step {record["step"]} '
+          f'(fingerprint {record["fingerprint"][:12]}).', flush=True)
+    frozen = dict(frozen or {}, base=base)
+    frozen_shardings = dict(frozen_shardings or {}, base=lora.base_shardings)
+    train_loss = lora_lib.wrap_loss(train_loss, lora.spec)
+    eval_loss = lora_lib.wrap_loss(eval_loss, lora.spec)
+    extra_meta[lora_lib.META_KEY] = record
   # The learning-rate schedule spans the steps the run really takes.
   train_step = steps_lib.make_train_step(config, model, mesh, state_shardings, batch_sharding,
-                                         loss_fn=stage.loss(config, model), frozen=frozen,
+                                         loss_fn=train_loss, frozen=frozen,
                                          frozen_shardings=frozen_shardings,
                                          num_train_steps=loop_cfg.num_train_steps)
   eval_step = steps_lib.make_eval_step(config, model, mesh, state_shardings.params,
-                                       batch_sharding, loss_fn=stage.eval_loss(config, model),
+                                       batch_sharding, loss_fn=eval_loss,
                                        frozen=frozen, frozen_shardings=frozen_shardings)
   eval_steps = config.eval_steps if config.eval_steps and config.eval_steps > 0 else None
   evaluate = None
@@ -249,16 +299,24 @@ def run(stage: Stage, config: ml_collections.ConfigDict, workdir: str) -> loop.L
             sharding=batch_sharding),
         to_global, eval_steps)
 
-  if init_from is None:
+  if lora is not None:
+    init_state = lambda: lora.init_state(config, jax.random.key(config.seed))
+  elif init_from is None:
     init_state = lambda: state_lib.create_sharded_state(
         config, model, mesh, jax.random.key(config.seed))[0]
   else:
     init_state = lambda: state_from_run(config, abstract_state, state_shardings, init_from)
   peak, startup = peak_flops(mesh)
   startup['model/num_params'] = model_config_lib.num_params(model_cfg)
+  startup['model/trainable_params'] = state_lib.trainable_params(abstract_state)
+  startup['model/optimizer_bytes'] = state_lib.optimizer_bytes(abstract_state)
+  if lora is not None:
+    startup['model/lora_rank'] = lora.spec.rank
+    startup['model/lora_weights'] = len(lora.spec.targets)
   checkpointer = checkpoint_lib.Checkpointer(
-      os.fspath(epath.Path(workdir) / run_files.CHECKPOINT_DIR), keep=config.keep_checkpoints,
-      best_metric=f'eval/{loop_cfg.best_metric}', best_mode=loop_cfg.best_mode)
+      checkpoint_dir, keep=config.keep_checkpoints,
+      best_metric=f'eval/{loop_cfg.best_metric}', best_mode=loop_cfg.best_mode,
+      extra_meta=extra_meta)
   try:
     return loop.run(
         workdir=workdir, loop_cfg=loop_cfg, train_step=train_step, train_loader=train_loader,

@@ -8,7 +8,8 @@ makes every device compute only its own shards.
 
 from __future__ import annotations
 
-from typing import Any
+import math
+from typing import Any, Callable
 
 import flax.linen as nn
 from flax import struct
@@ -50,32 +51,52 @@ def _boxed_params(config: Any, model: nn.Module, rng: jax.Array) -> Any:
 
 
 def _init_fn(config: Any, model: nn.Module, tx: optax.GradientTransformation):
+  return state_init_fn(
+      lambda rng: nn.meta.unbox(_boxed_params(config, model, rng)), tx)
+
+
+def state_init_fn(init_params: Callable[[jax.Array], Any], tx: optax.GradientTransformation
+                  ) -> Callable[[jax.Array], TrainState]:
+  """rng -> a fresh TrainState over `init_params(rng)`'s trainable tree.
+
+  The full model's params for a plain run; only the adapters for a LoRA run
+  (train/lora.py), whose base params are never part of the state.
+  """
   def init(rng: jax.Array) -> TrainState:
     rng = _as_raw_key(rng)
     init_rng, state_rng = jax.random.split(rng)
-    params = nn.meta.unbox(_boxed_params(config, model, init_rng))
+    params = init_params(init_rng)
     return TrainState(step=jnp.zeros((), jnp.int32), params=params,
                       opt_state=tx.init(params), rng=state_rng)
   return init
 
 
+def boxed_param_shapes(config: Any, model: nn.Module) -> Any:
+  """The model's params as ShapeDtypeStructs in their logical-partitioning boxes (no compute)."""
+  return jax.eval_shape(lambda rng: _boxed_params(config, model, rng), jax.random.PRNGKey(0))
+
+
 def param_shardings(config: Any, model: nn.Module, mesh: jax.sharding.Mesh) -> Any:
   """NamedSharding per parameter, from the model's logical axis names and the rules."""
   rules = mesh_lib.logical_rules(config.mesh)
-  boxed = jax.eval_shape(lambda rng: _boxed_params(config, model, rng), jax.random.PRNGKey(0))
-  logical_specs = nn.get_partition_spec(boxed)
+  logical_specs = nn.get_partition_spec(boxed_param_shapes(config, model))
   return nn.logical_to_mesh_sharding(logical_specs, mesh, rules)
 
 
-def _state_shardings(config: Any, model: nn.Module, mesh: jax.sharding.Mesh,
-                     tx: optax.GradientTransformation, abstract: TrainState) -> TrainState:
-  params = param_shardings(config, model, mesh)
+def shardings_for(tx: optax.GradientTransformation, abstract: TrainState, params: Any,
+                  mesh: jax.sharding.Mesh) -> TrainState:
+  """The state's shardings given its params' (`params`): moments mirror them."""
   replicated = mesh_lib.replicated(mesh)
   # Optimizer moments mirror the parameters' layout; counters are replicated.
   opt_state = optax.tree_map_params(
       tx, lambda _, sharding: sharding, abstract.opt_state, params,
       transform_non_params=lambda _: replicated)
   return TrainState(step=replicated, params=params, opt_state=opt_state, rng=replicated)
+
+
+def _state_shardings(config: Any, model: nn.Module, mesh: jax.sharding.Mesh,
+                     tx: optax.GradientTransformation, abstract: TrainState) -> TrainState:
+  return shardings_for(tx, abstract, param_shardings(config, model, mesh), mesh)
 
 
 def abstract_state(config: Any, model: nn.Module, mesh: jax.sharding.Mesh
@@ -102,3 +123,14 @@ def create_sharded_state(config: Any, model: nn.Module, mesh: jax.sharding.Mesh,
   rng = np.asarray(jax.device_get(_as_raw_key(rng)))
   state = jax.jit(init, in_shardings=mesh_lib.replicated(mesh), out_shardings=shardings)(rng)
   return state, shardings
+
+
+def trainable_params(abstract: TrainState) -> int:
+  """How many numbers the optimizer trains (the adapters only, in a LoRA run)."""
+  return int(sum(math.prod(x.shape) for x in jax.tree.leaves(abstract.params)))
+
+
+def optimizer_bytes(abstract: TrainState) -> int:
+  """Bytes of the optimizer state (moments and counters), over all devices."""
+  return int(sum(math.prod(x.shape) * jnp.dtype(x.dtype).itemsize
+                 for x in jax.tree.leaves(abstract.opt_state)))
