@@ -535,10 +535,10 @@ def _make_param(files: hf_files.CheckpointFiles, tensor: Tensor, target: jax.Sha
 def load_params(workdir: str, step: int | None = None) -> tuple[Any, Any, Any, Any]:
   """(config, ModelConfig, params, tokenizer) of a run: what export writes.
 
-  The one place export gets its parameters. LORA: a LoRA run's adapters are
-  to be merged into its base here (the LoRA change's `merge`, float32 then the
-  base dtype), so export writes plain Llama weights; nothing else in export
-  needs to know about LoRA.
+  The one place export gets its parameters. A LoRA run comes back merged
+  (`run_dir.load_run` folds the adapters into the recorded base with
+  `train.lora.merge`: float32, then the base dtype), so export writes plain
+  Llama weights and nothing else in export needs to know about LoRA.
   """
   from train import run_dir  # pylint: disable=g-import-not-at-top
   config, model, params, tokenizer, _ = run_dir.open_run(workdir, step)
