@@ -9,8 +9,11 @@ Presets (`configs/dpo.py:<preset>[,key=value,...]`):
           python -m train.dpo --config=configs/dpo.py:tiny --workdir=runs/dpo \\
               --config.init_from=runs/sft_scratch
         Hardware: 2 CPU cores. The reference is init_from's parameters,
-        frozen (a second copy: 5M parameters here). Wall time and results:
-        README, "Preferences": held-out implicit-reward accuracy
+        frozen (a second copy: 5M parameters here). Measured (seed 0, from
+        runs/sft_scratch) with num_train_steps=40 on cores shared with other
+        jobs (48 min): held-out implicit-reward accuracy 0.794, test
+        response loss 3.78, parse_rate 0.29, parse_and_name_rate 0 (SFT:
+        3.68, 0.38, 0). README, "Preferences": held-out implicit-reward accuracy
         (eval/rewards_accuracy, or `python -m train.score --workdir=runs/dpo
         --pairs=runs/pref_data/pairs_test.jsonl`) and parse_and_name_rate
         (`python -m train.evaluate --workdir=runs/dpo --split=test --functional
