@@ -60,3 +60,106 @@ def next_token(model: nn.Module, z_loss: float = 0.0, dropout: bool = False) -> 
     return sum_nll + sum_z, {'loss': sum_nll, 'z_loss': sum_z, 'count': count,
                              'num_tokens': count}
   return loss_fn
+
+
+# ----------------------------------------------------------------------------
+# Preference pairs (data_pipeline/preferences.py): the chosen response is the
+# `tokens` row with `chosen_mask`, the rejected one the `rejected` row with
+# `rejected_mask`; both share `segment_ids`/`positions`, one pair per
+# (row, segment). Losses are sums over pairs and `count` is the number of pairs.
+
+# `margin` is stored as an int field in thousandths.
+MARGIN_SCALE = 1000.0
+
+
+def pair_weights(batch: Batch) -> jax.Array:
+  """1.0 on the pair slots [B * L] that hold both a chosen and a rejected response."""
+  segment_ids_BL = batch['segment_ids']
+  has_chosen = losses.segment_sums(batch['chosen_mask'].astype(jax.numpy.float32),
+                                   segment_ids_BL) > 0
+  has_rejected = losses.segment_sums(batch['rejected_mask'].astype(jax.numpy.float32),
+                                     segment_ids_BL) > 0
+  return (has_chosen & has_rejected).astype(jax.numpy.float32)
+
+
+def pair_margins(batch: Batch) -> jax.Array | None:
+  """The data's per-pair margins [B * L] (0 where none was given), or None without a field."""
+  if 'margin' not in batch:
+    return None
+  values_P, _ = losses.last_token_values(batch['margin'], batch['chosen_mask'],
+                                         batch['segment_ids'])
+  return values_P / MARGIN_SCALE
+
+
+def pair_scores(model: nn.Module, params: Any, batch: Batch, rng: jax.Array | None
+                ) -> tuple[jax.Array, jax.Array]:
+  """A reward model's scores of the chosen and rejected responses [B * L] each.
+
+  Read at each response's last masked-in token, its `<|end|>`.
+  """
+  rngs = (None, None) if rng is None else tuple(jax.random.split(rng))
+  scores = []
+  for field, mask, key in (('tokens', 'chosen_mask', rngs[0]),
+                           ('rejected', 'rejected_mask', rngs[1])):
+    score_BL = forward(model, params, batch, key, head='scalar', tokens=field)
+    scores.append(losses.last_token_values(score_BL, batch[mask], batch['segment_ids'])[0])
+  return scores[0], scores[1]
+
+
+def response_log_probs(model: nn.Module, params: Any, batch: Batch, rng: jax.Array | None,
+                       tokens: str, mask: str) -> tuple[jax.Array, jax.Array]:
+  """(sum of log p over each response's tokens, number of those tokens), [B * L] each.
+
+  The response tokens are those `mask` marks (the answer and its `<|end|>`),
+  each predicted from everything before it in its segment.
+  """
+  logits_BLV = forward(model, params, batch, rng, tokens=tokens)
+  view = {'tokens': batch[tokens], 'segment_ids': batch['segment_ids'], 'loss_mask': batch[mask]}
+  targets_BL, weights_BL = losses.next_token_targets(view)
+  logp_BL = losses.token_log_probs(logits_BLV, targets_BL) * weights_BL
+  segment_ids_BL = batch['segment_ids']
+  return losses.segment_sums(logp_BL, segment_ids_BL), losses.segment_sums(weights_BL,
+                                                                           segment_ids_BL)
+
+
+def reward_model(model: nn.Module, centering: float = 0.0, use_margin: bool = True,
+                 dropout: bool = False) -> LossFn:
+  """Bradley-Terry on a scalar-head model's scores of each pair (losses.bradley_terry)."""
+  def loss_fn(params, batch, rng, frozen):
+    del frozen
+    chosen_P, rejected_P = pair_scores(model, params, batch, rng if dropout else None)
+    margin_P = pair_margins(batch) if use_margin else None
+    total, sums = losses.bradley_terry(chosen_P, rejected_P, pair_weights(batch), margin_P,
+                                       centering)
+    return total, sums
+  return loss_fn
+
+
+def reference_params(frozen: Any) -> Any:
+  """The frozen reference policy: frozen['reference'], or with LoRA the base (frozen['base'])."""
+  return frozen['reference'] if 'reference' in frozen else frozen['base']
+
+
+def dpo(model: nn.Module, beta: float = 0.1, label_smoothing: float = 0.0,
+        loss_type: str = 'sigmoid', dropout: bool = False) -> LossFn:
+  """DPO / cDPO / IPO (losses.dpo) of the policy `params` against the frozen reference.
+
+  The reference's log-probs come from a forward pass of
+  `reference_params(frozen)` (no gradient; the same weights as the policy at
+  step 0, so the loss starts at log 2 for sigmoid DPO).
+  """
+  def loss_fn(params, batch, rng, frozen):
+    rngs = (None, None) if not dropout or rng is None else tuple(jax.random.split(rng))
+    chosen_P, chosen_tokens_P = response_log_probs(model, params, batch, rngs[0],
+                                                   'tokens', 'chosen_mask')
+    rejected_P, rejected_tokens_P = response_log_probs(model, params, batch, rngs[1],
+                                                       'rejected', 'rejected_mask')
+    reference = reference_params(frozen)
+    ref_chosen_P, _ = response_log_probs(model, reference, batch, None, 'tokens', 'chosen_mask')
+    ref_rejected_P, _ = response_log_probs(model, reference, batch, None, 'rejected',
+                                           'rejected_mask')
+    return losses.dpo(chosen_P, rejected_P, jax.lax.stop_gradient(ref_chosen_P),
+                      jax.lax.stop_gradient(ref_rejected_P), pair_weights(batch), beta=beta,
+                      label_smoothing=label_smoothing, loss_type=loss_type,
+                      chosen_tokens_P=chosen_tokens_P, rejected_tokens_P=rejected_tokens_P)
+  return loss_fn

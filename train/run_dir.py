@@ -65,16 +65,19 @@ def _mesh_for(config: ml_collections.ConfigDict) -> jax.sharding.Mesh:
     return mesh_lib.make_mesh(config.mesh)
 
 
-def load_run(workdir: str, step: int | None = None) -> tuple[
+def load_run(workdir: str, step: int | None = None, *,
+             model_class: Any = transformer.Transformer) -> tuple[
     ml_collections.ConfigDict, transformer.Transformer, Any, Any, jax.sharding.Mesh]:
   """(config, model, params, tokenizer, mesh) of `workdir` at `step` (None = latest good).
 
   `tokenizer` is None if neither the run nor its data workdir holds one.
   `config.checkpoint_step` is set to the step whose params were restored.
+  `model_class` builds the model whose parameter tree the run saved (a reward
+  model's: `train.reward.ScoreModel`).
   """
   workdir = paths.resolve_str(workdir)
   config = load_config(workdir)
-  model = transformer.Transformer(model_config_lib.ModelConfig.from_config(config.model))
+  model = model_class(model_config_lib.ModelConfig.from_config(config.model))
   mesh = _mesh_for(config)
   lora_cfg = lora_lib.LoraConfig.from_config(config)
   if lora_cfg is None:
@@ -121,7 +124,8 @@ def load_params(workdir: str, step: int | None = None) -> tuple[ml_collections.C
   return config, params
 
 
-def open_run(workdir: str, step: int | None = None) -> tuple[
+def open_run(workdir: str, step: int | None = None, *,
+             model_class: Any = transformer.Transformer) -> tuple[
     ml_collections.ConfigDict, transformer.Transformer, Any, Any, jax.sharding.Mesh]:
   """`load_run` for an entry point: a workdir that is not a run, or a step that cannot be
   restored, is a one-line UserError."""
@@ -129,6 +133,6 @@ def open_run(workdir: str, step: int | None = None) -> tuple[
     raise UserError(f'--workdir={workdir} is not a training run directory '
                     f'(no {CONFIG_FILE} in it)')
   try:
-    return load_run(workdir, step)
+    return load_run(workdir, step, model_class=model_class)
   except checkpoint_lib.CheckpointError as e:  # no such step, none saved, or unreadable
     raise UserError(str(e)) from e

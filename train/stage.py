@@ -78,6 +78,13 @@ class Stage:
     stages that need none. A dict of named trees ('reference', 'reward');
     with LoRA on the runner adds 'base' (the un-adapted params), which DPO
     and RL take as their reference then.
+  model: ModelConfig -> the module the stage trains (default the LM
+    `transformer.Transformer`; a reward model's defaults to its scalar head,
+    so its state holds `score_head`).
+  init_params: (Built) -> (step, params) with `init_from`: the parameters
+    the state starts from, placed like `built.abstract_state.params`
+    (default `params_from_run`: the source run's whole tree, every key
+    checked; a reward model takes an LM's trunk and a new head).
   """
   name: str
   validate: Callable[[ml_collections.ConfigDict], None]
@@ -86,6 +93,8 @@ class Stage:
   eval_loss: Callable[[Any, Any], objectives.LossFn] = (
       lambda config, model: objectives.next_token(model))
   frozen: Callable[['Built'], tuple[Any, Any]] | None = None
+  model: Callable[[model_config_lib.ModelConfig], Any] = transformer.Transformer
+  init_params: Callable[['Built'], tuple[int, Any]] | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -191,12 +200,14 @@ def params_from_run(source: str, abstract_params: Any) -> tuple[int, Any]:
 
 
 def state_from_run(config: ml_collections.ConfigDict, abstract: state_lib.TrainState,
-                   shardings: state_lib.TrainState, source: str) -> state_lib.TrainState:
+                   shardings: state_lib.TrainState, source: str,
+                   restore: Callable[[], tuple[int, Any]] | None = None) -> state_lib.TrainState:
   """A fresh state whose params are `source`'s newest good checkpoint's, on this mesh.
 
   `abstract` and `shardings` are this run's state (`state_lib.abstract_state`).
+  `restore` () -> (step, params) replaces `params_from_run(source, ...)`.
   """
-  step, params = params_from_run(source, abstract.params)
+  step, params = restore() if restore else params_from_run(source, abstract.params)
   print(f'Initialised the parameters from {source} (step {step}); optimizer state fresh.',
         flush=True)
   tx, _ = optimizer_lib.make_optimizer(config.optimizer, config.num_train_steps)
@@ -225,7 +236,7 @@ def run(stage: Stage, config: ml_collections.ConfigDict, workdir: str) -> loop.L
 
   mesh = mesh_lib.make_mesh(config.mesh)
   rules = mesh_lib.logical_rules(config.mesh)
-  model = transformer.Transformer(model_cfg)
+  model = stage.model(model_cfg)
   lora_cfg = lora_lib.LoraConfig.from_config(config)
   lora = None
   if lora_cfg is None:
@@ -253,12 +264,12 @@ def run(stage: Stage, config: ml_collections.ConfigDict, workdir: str) -> loop.L
     loop_cfg = dataclasses.replace(
         loop_cfg, num_train_steps=min(loop_cfg.num_train_steps or data_steps, data_steps))
   checkpoint_dir = os.fspath(epath.Path(workdir) / run_files.CHECKPOINT_DIR)
+  built = Built(config=config, model=model, mesh=mesh, abstract_state=abstract_state,
+                state_shardings=state_shardings, init_from=init_from,
+                abstract_params=abstract_params, param_shardings=param_shardings, lora=lora)
   frozen, frozen_shardings = None, None
   if stage.frozen is not None:
-    frozen, frozen_shardings = stage.frozen(Built(
-        config=config, model=model, mesh=mesh, abstract_state=abstract_state,
-        state_shardings=state_shardings, init_from=init_from, abstract_params=abstract_params,
-        param_shardings=param_shardings, lora=lora))
+    frozen, frozen_shardings = stage.frozen(built)
   train_loss, eval_loss = stage.loss(config, model), stage.eval_loss(config, model)
   extra_meta = {}
   if lora is not None:
@@ -305,7 +316,9 @@ def run(stage: Stage, config: ml_collections.ConfigDict, workdir: str) -> loop.L
     init_state = lambda: state_lib.create_sharded_state(
         config, model, mesh, jax.random.key(config.seed))[0]
   else:
-    init_state = lambda: state_from_run(config, abstract_state, state_shardings, init_from)
+    restore = None if stage.init_params is None else (lambda: stage.init_params(built))
+    init_state = lambda: state_from_run(config, abstract_state, state_shardings, init_from,
+                                        restore)
   peak, startup = peak_flops(mesh)
   startup['model/num_params'] = model_config_lib.num_params(model_cfg)
   startup['model/trainable_params'] = state_lib.trainable_params(abstract_state)

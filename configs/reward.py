@@ -1,0 +1,143 @@
+"""Reward-model configs: a scalar head on the SFT model, Bradley-Terry on preference pairs.
+
+Presets (`configs/reward.py:<preset>[,key=value,...]`):
+
+  tiny  the SFT model's trunk plus a new score head, trained on the embedded
+        stdlib preference pairs (the real function chosen over one of five
+        corruptions of it), 150 steps of 16 packed rows (~4k of the ~16k train
+        pairs; ~1.7 pairs per 256-token row), seq 256.
+          python -m train.reward --config=configs/reward.py:tiny --workdir=runs/rm \\
+              --config.init_from=runs/sft_scratch
+        Hardware: 2 CPU cores. The model shape comes from `init_from` (a run
+        with an LM head: its trunk is restored and an untied `lm_head`
+        dropped; a reward-model run: its head too). Wall time: see README,
+        "Preferences" (each step is two forward/backward passes, chosen and
+        rejected); measured 66 min on cores shared with other jobs (load
+        12-15), sized for ~7 min on quiet ones. Expect (measured, seed 0,
+        from runs/sft_scratch): held-out test accuracy 0.839; per kind
+        syntax 0.99, truncated 1.00, shuffled 1.00, wrong_body 0.69,
+        renamed 0.50, from `python -m train.score --workdir=runs/rm
+        --pairs=runs/pref_data/pairs_test.jsonl` (README, "Preferences").
+  1b, 7b  the pre-training presets' shapes on TPU (bf16, full remat, FSDP)
+        on the user's JSONL pairs (`--config.data.source=files
+        --config.data.paths=gs://bucket/prefs/*.jsonl`), one epoch, learning
+        rate 1e-5 / 5e-6; sized for a v5p-32.
+
+Data (`data.*`): `source` 'stdlib' (the embedded default; `kinds` is the
+comma-separated subset of corruptions to use, e.g.
+`--config.data.kinds=syntax,renamed`) or 'files' (JSONL pairs or rankings,
+data_pipeline/preferences.py; bad records are skipped and counted in
+`<data.workdir>/preference_report.json`). Pairs are rendered with the chat
+template using `data.tokenizer`, the SFT model's tokenizer, and built once
+into `data.workdir`; `validation`/`test` are the held-out fractions by module
+id, the SFT data's.
+
+`reward_model.centering` adds `centering * mean((r_c + r_r)^2)` (keeps the
+scores near 0; 0 = off); `reward_model.use_margin` subtracts the data's
+per-pair margins inside the Bradley-Terry sigmoid. The best checkpoint is
+the one with the highest held-out pairwise accuracy. Every other key is the
+pre-training config's (configs/pretrain.py).
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+from configs import overrides
+from configs import pretrain
+from configs import validation as v
+from configs.cli import UserError
+
+KINDS = 'syntax,truncated,renamed,wrong_body,shuffled'
+
+
+def preference_base(base: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """What reward modelling and DPO share: preference data, init_from, one epoch."""
+  config = base
+  config.init_from = ''
+  config.chat = True
+  config.data = ml_collections.ConfigDict(dict(
+      workdir='runs/pref_data', preset='preferences', source='stdlib', paths='',
+      tokenizer='runs/data/tokenizer.model', kinds=KINDS, validation=0.02, test=0.04))
+  config.num_train_steps = 0
+  config.num_epochs = 1
+  config.patience = 0
+  config.eval_steps = -1
+  return config
+
+
+def _reward(base: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  config = preference_base(base)
+  config.head = 'scalar'   # what train.score and the RL stage read the run with
+  config.reward_model = ml_collections.ConfigDict(dict(centering=0.0, use_margin=True))
+  config.best_metric = 'accuracy'
+  config.best_mode = 'max'
+  return config
+
+
+def tiny() -> ml_collections.ConfigDict:
+  config = _reward(pretrain.tiny())
+  config.num_train_steps = 150
+  config.optimizer.learning_rate = 3e-4
+  config.optimizer.warmup_steps = 20
+  config.optimizer.weight_decay = 0.0
+  config.eval_every = 50
+  config.checkpoint_every = 50
+  config.log_every = 10
+  return config
+
+
+def tpu(config: ml_collections.ConfigDict, learning_rate: float) -> ml_collections.ConfigDict:
+  """The large presets: the user's JSONL pairs, a small learning rate."""
+  config.data.source = 'files'
+  config.optimizer.learning_rate = learning_rate
+  config.optimizer.warmup_steps = 50
+  config.optimizer.weight_decay = 0.0
+  config.batch_size = 64
+  config.eval_every = 200
+  config.checkpoint_every = 500
+  return config
+
+
+def one_b() -> ml_collections.ConfigDict:
+  return tpu(_reward(pretrain.one_b()), 1e-5)
+
+
+def seven_b() -> ml_collections.ConfigDict:
+  return tpu(_reward(pretrain.seven_b()), 5e-6)
+
+
+PRESETS = {'tiny': tiny, '1b': one_b, '7b': seven_b}
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  return overrides.build(arg, PRESETS, default_preset='tiny')
+
+
+DATA_RULES: tuple[v.Rule, ...] = (
+    ('data.source', lambda s: s in ('stdlib', 'files'), "'stdlib' or 'files'"),
+    ('data.kinds', lambda s: isinstance(s, str) and bool(s) and all(
+        k in KINDS.split(',') for k in s.split(',')), f'a comma-separated subset of {KINDS}'),
+    ('data.validation', v.is_number(0.0, 0.5), 'a number in [0, 0.5]'),
+    ('data.test', v.is_number(0.0, 0.5), 'a number in [0, 0.5]'),
+)
+RULES: tuple[v.Rule, ...] = DATA_RULES + (
+    ('reward_model.centering', v.is_number(0.0), 'a number >= 0'),
+    ('reward_model.use_margin', lambda x: isinstance(x, bool), 'true or false'),
+)
+
+
+def validate_preference(config: ml_collections.ConfigDict, rules, section: str,
+                        command: str) -> None:
+  if section not in config or 'kinds' not in config.get('data', {}):
+    raise UserError(f'This is not a {command} config (preset {config.get("preset", "?")!r}): '
+                    f'`python -m train.{command}` takes --config=configs/{command}.py:PRESET.')
+  v.check(config, rules)
+  if config.data.source == 'files' and not config.data.paths:
+    raise UserError('config key data.paths is empty but data.source=files: give the JSONL '
+                    'files, e.g. --config.data.paths=data/prefs/*.jsonl.')
+  pretrain.validate(config)
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+  validate_preference(config, RULES, 'reward_model', 'reward')
