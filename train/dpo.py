@@ -42,17 +42,12 @@ from train import reward
 from train import stage as stage_lib
 
 
-def lora_on(config: ml_collections.ConfigDict) -> bool:
-  lora = config.get('lora')
-  return lora is not None and int(lora.get('rank', 0)) > 0
-
-
 def reference(built: stage_lib.Built) -> tuple[dict[str, Any], dict[str, Any]]:
   """The frozen trees: {'reference': init_from's params}, or {} under LoRA (the base serves)."""
-  if lora_on(built.config):
+  if built.lora is not None:
     return {}, {}
-  _, params = stage_lib.params_from_run(built.init_from, built.abstract_state.params)
-  return {'reference': params}, {'reference': built.state_shardings.params}
+  _, params = stage_lib.params_from_run(built.init_from, built.abstract_params)
+  return {'reference': params}, {'reference': built.param_shardings}
 
 
 def _loss(config: ml_collections.ConfigDict, model: Any, dropout: bool) -> objectives.LossFn:
