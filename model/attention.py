@@ -13,7 +13,7 @@ Interchangeable implementations of the attention core, chosen by
   It runs per device inside `jax.shard_map`, batch sharded as
   'activation_batch' and heads as 'activation_heads' under the logical-axis
   rules in context; the sequence axis is kept whole.
-- 'auto': splash on TPU, cudnn on GPU, xla otherwise (and xla wherever the
+- 'auto': splash on TPU, cudnn on GPU, block on CPU (and xla wherever the
   faster kernel cannot take the shapes/dtype, with a logged warning).
 
 The platform is read from the mesh in context at trace time
@@ -103,7 +103,7 @@ def splash_block_size(length: int) -> int | None:
 
 
 def select_impl(requested: str, platform: str, length: int, dtype: jnp.dtype) -> str:
-  """Resolves `attention_impl` to 'xla' | 'cudnn' | 'splash' for one call."""
+  """Resolves `attention_impl` to 'xla' | 'block' | 'cudnn' | 'splash' for one call."""
   dtype = jnp.dtype(dtype)
   if requested == 'auto':
     if platform == 'tpu':
@@ -111,12 +111,14 @@ def select_impl(requested: str, platform: str, length: int, dtype: jnp.dtype) ->
         return 'splash'
       logging.warning('attention_impl=auto: splash needs a length divisible by 128, got '
                       '%d; using xla attention.', length)
-    elif platform == 'gpu':
+      return 'xla'
+    if platform == 'gpu':
       if dtype in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
         return 'cudnn'
       logging.warning('attention_impl=auto: cudnn needs bfloat16/float16, got %s; using '
                       'xla attention.', dtype)
-    return 'xla'
+      return 'xla'
+    return 'block'
   if requested == 'splash':
     if platform != 'tpu':
       raise ValueError(f"attention_impl='splash' needs TPU devices, but attention runs on "
