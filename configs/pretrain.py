@@ -81,6 +81,8 @@ def _model(**kwargs) -> ml_collections.ConfigDict:
       remat_policy='none',
       attention_impl='auto',
       norm_eps=1e-6,
+      # > 0: the loss forms the logits this many positions at a time (model/config.py).
+      loss_chunk_size=0,
   ))
   model.update(kwargs)
   return model

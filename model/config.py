@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Mapping
 
-ATTENTION_IMPLS = ('auto', 'xla', 'cudnn', 'splash')
+ATTENTION_IMPLS = ('auto', 'xla', 'block', 'cudnn', 'splash')
 # The rematerialisation policies that `model.transformer` knows (see there).
 REMAT_POLICIES = (
     'none', 'full', 'dots_saveable', 'dots_with_no_batch_dims_saveable',
@@ -67,8 +67,12 @@ class ModelConfig:
     param_dtype: dtype the parameters are stored in.
     scan_layers: stack the blocks with `nn.scan` (one compiled block).
     remat_policy: what the backward pass may keep; one of REMAT_POLICIES.
-    attention_impl: 'auto' | 'xla' | 'cudnn' | 'splash' (see model.attention).
+    attention_impl: 'auto' | 'xla' | 'block' | 'cudnn' | 'splash' (see
+      model.attention).
     norm_eps: RMSNorm epsilon.
+    loss_chunk_size: > 0: the next-token loss forms the logits this many
+      positions at a time (`train.losses.chunked_cross_entropy`), never the
+      whole [B, L, V] float32 array; 0: the plain loss on the full logits.
   """
   vocab_size: int
   d_model: int
@@ -95,6 +99,7 @@ class ModelConfig:
   remat_policy: str = 'none'
   attention_impl: str = 'auto'
   norm_eps: float = 1e-6
+  loss_chunk_size: int = 0
 
   def __post_init__(self):
     for name in ('vocab_size', 'd_model', 'num_layers', 'num_heads', 'num_kv_heads',
@@ -112,6 +117,9 @@ class ModelConfig:
       raise ValueError(f'ModelConfig.embed_init_std must be >= 0, got {self.embed_init_std}.')
     if not 0.0 <= self.dropout_rate < 1.0:
       raise ValueError(f'ModelConfig.dropout_rate must be in [0, 1), got {self.dropout_rate}.')
+    if not isinstance(self.loss_chunk_size, int) or self.loss_chunk_size < 0:
+      raise ValueError(
+          f'ModelConfig.loss_chunk_size must be an int >= 0, got {self.loss_chunk_size!r}.')
     if self.rope_theta <= 0:
       raise ValueError(f'ModelConfig.rope_theta must be positive, got {self.rope_theta}.')
     if self.rope_scaling not in ROPE_SCALINGS:

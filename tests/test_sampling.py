@@ -141,3 +141,16 @@ def test_bad_knobs_are_rejected():
     sampling.SamplingConfig(top_k=-1)
   with pytest.raises(ValueError, match='temperature'):
     sampling.SamplingConfig(temperature=-1.0)
+
+
+def test_categorical_across_blocks_matches_distribution():
+  # 45 tokens in blocks of 8 (the last one partial); a whole block and scattered
+  # tokens have probability zero and must never be drawn. More draws than the
+  # other tests: the total-variation bound needs them with this many tokens.
+  rng = np.random.default_rng(3)
+  logits_V = rng.normal(size=45)
+  logits_V[8:16] = -np.inf
+  logits_V[[0, 5, 30, 44]] = -np.inf
+  logits_BV = jnp.broadcast_to(jnp.asarray(logits_V, jnp.float32), (5 * NUM_SAMPLES, 45))
+  tokens = jax.jit(sampling.categorical, static_argnums=2)(jax.random.key(0), logits_BV, 8)
+  _assert_matches(np.asarray(tokens), _softmax(logits_V))

@@ -59,7 +59,7 @@ from train import steps as steps_lib
 # Model keys a run may set for itself when it starts from another run's
 # parameters (`init_from`); every other key (the shapes, the parameter tree)
 # comes from that run.
-RUNTIME_MODEL_KEYS = ('dropout_rate', 'remat_policy', 'attention_impl', 'dtype')
+RUNTIME_MODEL_KEYS = ('dropout_rate', 'remat_policy', 'attention_impl', 'dtype', 'loss_chunk_size')
 
 
 @dataclasses.dataclass(frozen=True)
