@@ -142,12 +142,21 @@ def test_two_processes_fall_back_together_from_a_truncated_step(runs, tmp_path):
                range(6, NUM_STEPS + 1))
 
 
-def test_launcher_stops_the_others_when_one_fails():
+def test_launcher_stops_the_others_when_one_fails(tmp_path):
+  # Process 1 fails only once process 0 has printed (a marker file), so a slow
+  # start of process 0 on a loaded machine cannot hide its line.
+  marker = str(tmp_path / 'p0_printed')
   code = ('import os, sys, time\n'
           'pid = int(os.environ["JAX_PROCESS_ID"])\n'
           'print("devices", os.environ["JAX_NUM_CPU_DEVICES"], "of", os.environ["JAX_NUM_PROCESSES"],'
           ' "at", os.environ["JAX_COORDINATOR_ADDRESS"], flush=True)\n'
-          'sys.exit(3) if pid == 1 else time.sleep(120)\n')
+          f'marker = {marker!r}\n'
+          'if pid == 0:\n'
+          '  open(marker, "w").close(); time.sleep(120)\n'
+          'deadline = time.monotonic() + 20\n'
+          'while not os.path.exists(marker) and time.monotonic() < deadline:\n'
+          '  time.sleep(0.05)\n'
+          'sys.exit(3)\n')
   start = time.monotonic()
   proc = subprocess.run([sys.executable, '-m', 'launch.local', '--num_processes=2',
                          '--devices_per_process=3', '--grace_seconds=2', '--', sys.executable,
