@@ -25,7 +25,6 @@ rewards_accuracy. The run is an ordinary LM run: generate and evaluate
 
 from __future__ import annotations
 
-import sys
 from typing import Any
 
 from absl import flags
@@ -34,8 +33,6 @@ from ml_collections import config_flags
 
 from configs import cli
 from configs import dpo as dpo_config
-from train import console
-from train import distributed
 from train import loop
 from train import objectives
 from train import reward
@@ -67,16 +64,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> loop.LoopResult:
   return stage_lib.run(STAGE, config, workdir)
 
 
-def main(argv: list[str]) -> None:
-  if len(argv) > 1:
-    raise cli.UserError(f'Unexpected arguments: {argv[1:]}')
-  console.quiet_libraries()
-  distributed.initialize_from_flags()
-  try:
-    result = train(flags.FLAGS.config, flags.FLAGS.workdir)
-  except loop.NonFiniteLossError:
-    sys.exit(1)   # the loop printed the step and value
-  print(f'Training finished: {stage_lib.summary(result)}', flush=True)
+main = stage_lib.entry_point(train)
 
 
 if __name__ == '__main__':

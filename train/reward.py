@@ -24,7 +24,6 @@ with `ScoreModel` (`load_reward_model`).
 
 from __future__ import annotations
 
-import sys
 from typing import Any
 
 from absl import flags
@@ -39,8 +38,6 @@ from configs import reward as reward_config
 from data_pipeline import preference_data
 from model import layers
 from model import transformer
-from train import console
-from train import distributed
 from train import loop
 from train import objectives
 from train import paths
@@ -138,16 +135,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> loop.LoopResult:
   return stage_lib.run(STAGE, config, workdir)
 
 
-def main(argv: list[str]) -> None:
-  if len(argv) > 1:
-    raise cli.UserError(f'Unexpected arguments: {argv[1:]}')
-  console.quiet_libraries()
-  distributed.initialize_from_flags()
-  try:
-    result = train(flags.FLAGS.config, flags.FLAGS.workdir)
-  except loop.NonFiniteLossError:
-    sys.exit(1)   # the loop printed the step and value
-  print(f'Training finished: {stage_lib.summary(result)}', flush=True)
+main = stage_lib.entry_point(train)
 
 
 if __name__ == '__main__':

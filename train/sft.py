@@ -15,7 +15,6 @@ empty trains from scratch.
 
 from __future__ import annotations
 
-import sys
 
 from absl import flags
 import ml_collections
@@ -24,8 +23,6 @@ from ml_collections import config_flags
 from configs import cli
 from configs import sft as sft_config
 from data_pipeline import sft_data
-from train import console
-from train import distributed
 from train import loop
 from train import paths
 from train import stage as stage_lib
@@ -50,16 +47,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> loop.LoopResult:
   return stage_lib.run(STAGE, config, workdir)
 
 
-def main(argv: list[str]) -> None:
-  if len(argv) > 1:
-    raise cli.UserError(f'Unexpected arguments: {argv[1:]}')
-  console.quiet_libraries()
-  distributed.initialize_from_flags()
-  try:
-    result = train(flags.FLAGS.config, flags.FLAGS.workdir)
-  except loop.NonFiniteLossError:
-    sys.exit(1)   # the loop printed the step and value
-  print(f'Training finished: {stage_lib.summary(result)}', flush=True)
+main = stage_lib.entry_point(train)
 
 
 if __name__ == '__main__':

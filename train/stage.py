@@ -347,3 +347,28 @@ def summary(result: loop.LoopResult) -> str:
   return json.dumps({'step': result.step, 'reason': result.reason,
                      'best_eval_loss': result.best_eval_loss,
                      'last_checkpoint': result.last_checkpoint})
+
+
+def entry_point(train: Callable[[ml_collections.ConfigDict, str], loop.LoopResult]
+                ) -> Callable[[list[str]], None]:
+  """The `main(argv)` of a stage's `python -m` entry point over its `train(config, workdir)`.
+
+  Reads the `config` and `workdir` flags the module defines, quietens library
+  logs, joins the distributed job, trains, and prints the summary; a NaN loss
+  exits 1 (the loop printed the step and value).
+  """
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  from train import console  # pylint: disable=g-import-not-at-top
+  from train import distributed  # pylint: disable=g-import-not-at-top
+
+  def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+      raise UserError(f'Unexpected arguments: {argv[1:]}')
+    console.quiet_libraries()
+    distributed.initialize_from_flags()
+    try:
+      result = train(flags.FLAGS.config, flags.FLAGS.workdir)
+    except loop.NonFiniteLossError:
+      raise SystemExit(1) from None
+    print(f'Training finished: {summary(result)}', flush=True)
+  return main
