@@ -56,7 +56,8 @@ from model.rope import apply_rope, scaling_of
 MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)
 BTNH = ('activation_batch', 'activation_length', 'activation_heads', 'activation_kv')
 BSKH = ('activation_batch', 'activation_length', 'activation_kv_heads', 'activation_kv')
-CACHE_BSKH = ('activation_batch', None, 'activation_kv_heads', 'activation_kv')
+CACHE_BKSH = ('activation_batch', 'activation_kv_heads', None, 'activation_kv')
+CACHE_BKHS = ('activation_batch', 'activation_kv_heads', 'activation_kv', None)
 GPU_PLATFORMS = ('gpu', 'cuda', 'rocm')
 SPLASH_BLOCK_SIZES = (512, 256, 128)  # tried largest first; must divide the length
 # Query block of 'block' attention (measured on XLA:CPU, see block_causal_attention).
@@ -158,6 +159,29 @@ def xla_attention(q_BTNH: jax.Array, k_BSKH: jax.Array, v_BSKH: jax.Array,
   probs_BKGTS = jax.nn.softmax(logits_BKGTS, axis=-1).astype(v_BSKH.dtype)
   out_BTKGH = jnp.einsum('BKGTS,BSKH->BTKGH', probs_BKGTS, v_BSKH)
   return out_BTKGH.reshape(batch, length, num_heads, head_dim)
+
+
+def cached_attention(q_BTNH: jax.Array, k_BKHS: jax.Array, v_BKSH: jax.Array,
+                     mask_BTS: jax.Array) -> jax.Array:
+  """`xla_attention` over the KV cache: keys [B, K, H, S], values [B, K, S, H].
+
+  In these layouts both einsums are plain batched matmuls over (B, K) that
+  read the cache as it lies. With keys and values [B, S, K, H] XLA:CPU
+  transposed the whole cache at every decode step, and with keys [B, K, S, H]
+  the q.k product alone took 5x the time of the p.v one (measured at batch 64,
+  `tiny`); that was most of a decode step's time.
+  """
+  batch, length, num_heads, head_dim = q_BTNH.shape
+  num_kv_heads = k_BKHS.shape[1]
+  q_BKGTH = q_BTNH.reshape(batch, length, num_kv_heads, num_heads // num_kv_heads,
+                           head_dim).transpose(0, 2, 3, 1, 4)
+  q_BKGTH = q_BKGTH * jnp.asarray(1.0 / math.sqrt(head_dim), q_BKGTH.dtype)
+  logits_BKGTS = jnp.einsum('BKGTH,BKHS->BKGTS', q_BKGTH, k_BKHS,
+                            preferred_element_type=jnp.float32)
+  logits_BKGTS = jnp.where(mask_BTS[:, None, None], logits_BKGTS, MASK_VALUE)
+  probs_BKGTS = jax.nn.softmax(logits_BKGTS, axis=-1).astype(v_BKSH.dtype)
+  out_BKGTH = jnp.einsum('BKGTS,BKSH->BKGTH', probs_BKGTS, v_BKSH)
+  return out_BKGTH.transpose(0, 3, 1, 2, 4).reshape(batch, length, num_heads, head_dim)
 
 
 def block_causal_attention(q_BTNH: jax.Array, k_BSKH: jax.Array, v_BSKH: jax.Array,
@@ -296,8 +320,9 @@ class Attention(nn.Module):
   """Grouped-query self-attention block (projections, RoPE, core, output).
 
   With `decode=True` it keeps a KV cache in the 'cache' collection:
-  `cached_key`/`cached_value` [B, max_len, K, H] (compute dtype, keys already
-  rotated), `cache_segment_ids` and `cache_positions` [B, max_len] (int32; a
+  `cached_key` [B, K, H, max_len] and `cached_value` [B, K, max_len, H]
+  (compute dtype, keys already rotated; laid out so that both products of a
+  decode step are plain matmuls that read the cache without a transpose), `cache_segment_ids` and `cache_positions` [B, max_len] (int32; a
   segment id of 0 marks an empty or padding slot) and `cache_index` [B], the
   next slot to write in each row. A call writes its T tokens at slots
   `index .. index + T - 1` of each row (writes past the end are dropped) and
@@ -356,12 +381,13 @@ class Attention(nn.Module):
   def _cache_vars(self, batch: int) -> dict[str, nn.Variable]:
     """The cache variables; created (zeros, length `max_len`) only by `init`."""
     cfg = self.config
-    kv_shape = (batch, cfg.max_len, cfg.num_kv_heads, cfg.head_dim)
+    key_shape = (batch, cfg.num_kv_heads, cfg.head_dim, cfg.max_len)
+    value_shape = (batch, cfg.num_kv_heads, cfg.max_len, cfg.head_dim)
     dtype = jnp.dtype(cfg.dtype)
     zeros = jnp.zeros
     return {
-        'cached_key': self.variable('cache', 'cached_key', zeros, kv_shape, dtype),
-        'cached_value': self.variable('cache', 'cached_value', zeros, kv_shape, dtype),
+        'cached_key': self.variable('cache', 'cached_key', zeros, key_shape, dtype),
+        'cached_value': self.variable('cache', 'cached_value', zeros, value_shape, dtype),
         'cache_segment_ids': self.variable('cache', 'cache_segment_ids', zeros,
                                            (batch, cfg.max_len), jnp.int32),
         'cache_positions': self.variable('cache', 'cache_positions', zeros,
@@ -375,16 +401,17 @@ class Attention(nn.Module):
     slots_BT = index_B[:, None] + jnp.arange(length, dtype=jnp.int32)
     rows_B1 = jnp.arange(batch)[:, None]
 
-    def write(name, new, constraint=None):
-      value = cache[name].value.at[rows_B1, slots_BT].set(new.astype(cache[name].value.dtype),
-                                                          mode='drop')
+    def write(name, new, constraint=None, slot_axis=1):
+      # Advanced indices around slices put their (B, T) dims first: `new` is [B, T, ...].
+      index = (rows_B1,) + (slice(None),) * (slot_axis - 1) + (slots_BT,)
+      value = cache[name].value.at[index].set(new.astype(cache[name].value.dtype), mode='drop')
       if constraint is not None:
         value = nn.with_logical_constraint(value, constraint)
       cache[name].value = value
       return value
 
-    k_BSKH = write('cached_key', k_BTKH, CACHE_BSKH)
-    v_BSKH = write('cached_value', v_BTKH, CACHE_BSKH)
+    k_BKHS = write('cached_key', k_BTKH, CACHE_BKHS, slot_axis=3)
+    v_BKSH = write('cached_value', v_BTKH, CACHE_BKSH, slot_axis=2)
     segments_BS = write('cache_segment_ids', segment_ids_BT)
     positions_BS = write('cache_positions', positions_BT)
     # Advance to just after the last non-padding token written by this call.
@@ -393,4 +420,4 @@ class Attention(nn.Module):
 
     mask_BTS = (segments_BS[:, None, :] != 0) & (
         positions_BS[:, None, :] <= positions_BT[:, :, None])
-    return xla_attention(q_BTNH, k_BSKH, v_BSKH, mask_BTS)
+    return cached_attention(q_BTNH, k_BKHS, v_BKSH, mask_BTS)

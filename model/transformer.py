@@ -157,7 +157,7 @@ def init_cache(cfg: ModelConfig, batch_size: int, max_len: int) -> Any:
   Its structure is whatever `Transformer(cfg)` creates in decode mode (traced
   with `jax.eval_shape`, no compute); all zeros, i.e. every slot empty and
   every row's index at 0. Leaves per layer (stacked on a leading layer axis
-  when `scan_layers`): cached_key/cached_value [B, max_len, K, H] in the
+  when `scan_layers`): cached_key [B, K, H, max_len] / cached_value [B, K, max_len, H] in the
   compute dtype, cache_segment_ids/cache_positions [B, max_len] int32 and
   cache_index [B] int32.
   """

@@ -195,7 +195,8 @@ def test_cached_decoding_equals_full_forward(padding, scan_layers):
 def test_cache_index_and_layout():
   cache = init_cache(CFG, batch_size=3, max_len=10)
   attn = cache['layers']['attn']
-  assert attn['cached_key'].shape == (CFG.num_layers, 3, 10, CFG.num_kv_heads, CFG.head_dim)
+  assert attn['cached_key'].shape == (CFG.num_layers, 3, CFG.num_kv_heads, CFG.head_dim, 10)
+  assert attn['cached_value'].shape == (CFG.num_layers, 3, CFG.num_kv_heads, 10, CFG.head_dim)
   assert attn['cache_index'].shape == (CFG.num_layers, 3)
   params = _init(CFG)
   seg = jnp.array([[0, 0, 1, 1], [1, 1, 1, 0], [0, 0, 0, 0]])
