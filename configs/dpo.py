@@ -26,7 +26,11 @@ Presets (`configs/dpo.py:<preset>[,key=value,...]`):
 `dpo.loss_type`: 'sigmoid' (DPO; `dpo.label_smoothing` > 0 is cDPO, the
 assumed fraction of flipped labels) or 'ipo' (squared loss on per-token
 averaged log-ratios, target 1/(2 beta)). `dpo.beta` scales the implicit
-reward beta * log(pi / pi_ref). Data keys are configs/reward.py's; every
+reward beta * log(pi / pi_ref). `dpo.precompute_reference=True` runs the
+reference once over every split before training and stores its per-token
+log-probs beside the pairs (`<workdir>/reference_data`), so no reference
+weights are held or run during training (single process; the reference is
+`init_from`'s params, with LoRA the base, as without it). Data keys are configs/reward.py's; every
 other key is the pre-training config's. The best checkpoint is the one with
 the highest held-out implicit-reward accuracy.
 """
@@ -45,7 +49,7 @@ from configs.cli import UserError
 def _dpo(base: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   config = reward.preference_base(base)
   config.dpo = ml_collections.ConfigDict(dict(beta=0.1, label_smoothing=0.0,
-                                              loss_type='sigmoid'))
+                                              loss_type='sigmoid', precompute_reference=False))
   config.best_metric = 'rewards_accuracy'
   config.best_mode = 'max'
   return config
@@ -82,6 +86,7 @@ RULES: tuple[v.Rule, ...] = reward.DATA_RULES + (
     ('dpo.beta', v.is_number(0.0, low_open=True), 'a number > 0'),
     ('dpo.label_smoothing', v.is_number(0.0, 0.5, high_open=True), 'a number in [0, 0.5)'),
     ('dpo.loss_type', lambda s: s in ('sigmoid', 'ipo'), "'sigmoid' or 'ipo'"),
+    ('dpo.precompute_reference', lambda b: isinstance(b, bool), 'True or False'),
 )
 
 

@@ -333,6 +333,11 @@ def layout(data_workdir: str) -> tuple[str, tuple[str, ...]]:
   return metadata.get('framing', 'document'), tuple(metadata.get('fields', ()))
 
 
+def split_names(data_workdir: str) -> tuple[str, ...]:
+  """The dataset's splits, sorted."""
+  return tuple(sorted(_builder(data_workdir).info.splits))
+
+
 def document_lengths(data_workdir: str, split: str) -> np.ndarray:
   """Tokens per document of `split` (without bos/eos), in record order, as int64."""
   return _split_array(data_workdir, split, LENGTHS)

@@ -237,6 +237,41 @@ def test_dpo_from_an_lm_run_keeps_its_reference_then_score(setup, tmp_path):
   assert summary['run_kind'] == 'dpo' and summary['pairs'] == 60
 
 
+def test_dpo_with_precomputed_reference_log_probs_trains_like_the_held_reference(setup, tmp_path):
+  """One pass of the reference before training gives the losses of a reference run at every step."""
+  runs = {}
+  for precompute in (False, True):
+    seen = {}
+
+    def frozen(built, seen=seen):
+      tree, shardings = dpo.reference(built)
+      seen['frozen'] = tree
+      return tree, shardings
+
+    stage = dataclasses.replace(dpo.STAGE, frozen=frozen)
+    config = _config(dpo_config, setup)
+    with config.unlocked():
+      config.dpo.precompute_reference = precompute
+      config.num_train_steps = 4
+      config.log_every = 1
+    workdir = tmp_path / f'dpo_{precompute}'
+    stage_lib.run(stage, config, str(workdir))
+    records = [json.loads(l) for l in open(workdir / 'metrics.jsonl')]
+    runs[precompute] = {k: [r[k] for r in records if k in r]
+                        for k in ('train/loss', 'train/rewards_margin', 'eval/loss')}
+    assert ('reference' in seen['frozen']) != precompute   # no reference weights held
+    assert (workdir / dpo.REFERENCE_DATA).exists() == precompute
+  assert len(runs[True]['train/loss']) >= 2 and runs[True]['eval/loss']   # one epoch
+  for key, values in runs[False].items():
+    np.testing.assert_allclose(runs[True][key], values, rtol=2e-4, atol=2e-5, err_msg=key)
+  # The stored fields are the reference's per-token log-probs: a pair's sums are < 0.
+  data = str(tmp_path / 'dpo_True' / dpo.REFERENCE_DATA)
+  assert set(shards.layout(data)[1]) >= set(objectives.REFERENCE_FIELDS)
+  record = shards.data_source(data, 'train')[0]
+  chosen = np.asarray(record['ref_chosen_logp'], np.int32).view(np.float32)
+  assert chosen.sum() < 0 and np.count_nonzero(chosen) == np.asarray(record['chosen_mask']).sum()
+
+
 def test_dpo_config_checks():
   config = dpo_config.get_config('tiny')
   with pytest.raises(UserError, match='init_from is empty'):

@@ -25,26 +25,138 @@ rewards_accuracy. The run is an ordinary LM run: generate and evaluate
 
 from __future__ import annotations
 
+import json
+import os
+import shutil
+import time
 from typing import Any
 
 from absl import flags
+import jax
+import jax.numpy as jnp
 import ml_collections
 from ml_collections import config_flags
+import numpy as np
 
 from configs import cli
 from configs import dpo as dpo_config
+from configs.cli import UserError
+from data_pipeline import shards
+from train import checkpoint as checkpoint_lib
 from train import loop
+from train import mesh as mesh_lib
 from train import objectives
+from train import paths
 from train import reward
+from train import run_files
 from train import stage as stage_lib
+
+REFERENCE_DATA = 'reference_data'
+_DONE = 'DONE'
 
 
 def reference(built: stage_lib.Built) -> tuple[dict[str, Any], dict[str, Any]]:
-  """The frozen trees: {'reference': init_from's params}, or {} under LoRA (the base serves)."""
-  if built.lora is not None:
+  """The frozen trees: {'reference': init_from's params}; {} under LoRA (the base serves)
+  or with `dpo.precompute_reference` (the data carries the reference's log-probs)."""
+  if built.lora is not None or built.config.dpo.precompute_reference:
     return {}, {}
   _, params = stage_lib.params_from_run(built.init_from, built.abstract_params)
   return {'reference': params}, {'reference': built.param_shardings}
+
+
+def _source_key(built: stage_lib.Built) -> dict[str, Any]:
+  """What the precomputed log-probs depend on: the pairs and the reference's weights."""
+  config = built.config
+  with open(os.path.join(shards.dataset_dir(config.data.workdir), 'dataset_info.json')) as f:
+    info = json.load(f)
+  reader = checkpoint_lib.Checkpointer(
+      os.path.join(built.init_from, run_files.CHECKPOINT_DIR), read_only=True)
+  try:
+    step = reader.latest_step()
+  finally:
+    reader.close()
+  return {'data': config.data.workdir, 'splits': info.get('splits'),
+          'reference': built.init_from, 'reference_step': step,
+          'model': {k: v for k, v in config.model.to_dict().items()
+                    if k in stage_lib.RUNTIME_MODEL_KEYS and k != 'dropout_rate'}}
+
+
+def precompute_reference(built: stage_lib.Built) -> str | None:
+  """With `dpo.precompute_reference`: the pairs plus the reference's per-token log-probs.
+
+  One pass of the reference (`init_from`'s params) over every split of
+  `config.data.workdir`, a batch of whole pairs at a time; each pair's
+  chosen and rejected per-token log-probs (objectives.response_token_log_probs,
+  which do not depend on packing) become two more aligned fields
+  (objectives.REFERENCE_FIELDS) of a copy of the dataset in
+  `<workdir>/reference_data`, which the run then trains and evaluates on. It
+  is made once and reused while the data, the reference and its checkpoint
+  step are the same. Returns None when the option is off.
+  """
+  config = built.config
+  if not config.dpo.precompute_reference:
+    return None
+  if jax.process_count() > 1:
+    raise UserError('config key dpo.precompute_reference=True runs on one process for now; '
+                    'set it to False on a multi-host slice (the reference is then held in '
+                    'memory and run at every step).')
+  if paths.is_remote(built.workdir):
+    raise UserError(f'config key dpo.precompute_reference=True writes the reference data in '
+                    f'the run directory, which must be local (got {built.workdir}).')
+  out_dir = os.path.join(built.workdir, REFERENCE_DATA)
+  key = _source_key(built)
+  done = os.path.join(out_dir, _DONE)
+  if os.path.exists(done):
+    with open(done) as f:
+      if json.load(f) == key:
+        print(f'Reference log-probs: {out_dir} (made earlier).', flush=True)
+        return out_dir
+  start = time.perf_counter()
+  shutil.rmtree(out_dir, ignore_errors=True)
+  _, params = stage_lib.params_from_run(built.init_from, built.abstract_params)
+  model, seq_len, batch_size = built.model, config.seq_len, config.batch_size
+  sharding = mesh_lib.batch_sharding(built.mesh, mesh_lib.logical_rules(config.mesh))
+
+  @jax.jit
+  def log_probs(params, batch):
+    return tuple(objectives.response_token_log_probs(model, params, batch, None, tokens, mask)[0]
+                 for tokens, mask in (('tokens', 'chosen_mask'), ('rejected', 'rejected_mask')))
+
+  framing, fields = shards.layout(config.data.workdir)
+  splits, counts = {}, {}
+  for split in shards.split_names(config.data.workdir):
+    source = shards.data_source(config.data.workdir, split)
+    records = []
+    for first in range(0, len(source), batch_size):
+      docs = [source[i] for i in range(first, min(first + batch_size, len(source)))]
+      batch = {name: np.zeros((batch_size, seq_len), np.int32)
+               for name in ('tokens', 'segment_ids', 'positions') + fields}
+      for row, doc in enumerate(docs):
+        length = len(doc['tokens'])
+        for name in ('tokens',) + fields:
+          batch[name][row, :length] = doc[name]
+        batch['segment_ids'][row, :length] = 1
+        batch['positions'][row, :length] = np.arange(length)
+      with built.mesh:
+        chosen, rejected = jax.device_get(log_probs(params, jax.device_put(batch, sharding)))
+      for row, doc in enumerate(docs):
+        length = len(doc['tokens'])
+        record = {name: np.asarray(doc[name]) for name in ('tokens',) + fields}
+        doc_id = doc['id']
+        record.update(id=doc_id.decode() if isinstance(doc_id, bytes) else str(doc_id),
+                      num_bytes=int(doc['num_bytes']))
+        for name, values in zip(objectives.REFERENCE_FIELDS, (chosen, rejected)):
+          record[name] = np.asarray(values[row, :length], np.float32).view(np.int32)
+        records.append(record)
+    splits[split], counts[split] = records, len(records)
+  del params
+  shards.write_dataset(out_dir, splits, fields=fields + objectives.REFERENCE_FIELDS,
+                       framing=framing)
+  with open(done, 'w') as f:
+    json.dump(key, f)
+  print(f'Reference log-probs of {", ".join(f"{n} {s}" for s, n in counts.items())} pairs '
+        f'in {time.perf_counter() - start:.0f} s: {out_dir}', flush=True)
+  return out_dir
 
 
 def _loss(config: ml_collections.ConfigDict, model: Any, dropout: bool) -> objectives.LossFn:
@@ -56,7 +168,8 @@ def _loss(config: ml_collections.ConfigDict, model: Any, dropout: bool) -> objec
 STAGE = stage_lib.Stage(
     name='dpo', validate=dpo_config.validate, prepare_data=reward.prepare_data,
     loss=lambda config, model: _loss(config, model, float(config.model.dropout_rate) > 0.0),
-    eval_loss=lambda config, model: _loss(config, model, False), frozen=reference)
+    eval_loss=lambda config, model: _loss(config, model, False), frozen=reference,
+    derive_data=precompute_reference)
 
 
 def train(config: ml_collections.ConfigDict, workdir: str) -> loop.LoopResult:

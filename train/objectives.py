@@ -132,20 +132,41 @@ def pair_scores(model: nn.Module, params: Any, batch: Batch, rng: jax.Array | No
   return scores[0], scores[1]
 
 
-def response_log_probs(model: nn.Module, params: Any, batch: Batch, rng: jax.Array | None,
-                       tokens: str, mask: str) -> tuple[jax.Array, jax.Array]:
-  """(sum of log p over each response's tokens, number of those tokens), [B * L] each.
+def response_token_log_probs(model: nn.Module, params: Any, batch: Batch, rng: jax.Array | None,
+                             tokens: str, mask: str) -> tuple[jax.Array, jax.Array]:
+  """(log p of each response token at the position that predicts it, 1.0 there), [B, L] each.
 
   The response tokens are those `mask` marks (the answer and its `<|end|>`),
-  each predicted from everything before it in its segment.
+  each predicted from everything before it in its segment; every other
+  position is 0. A document's values do not depend on what it is packed with.
   """
   logits_BLV = forward(model, params, batch, rng, tokens=tokens)
   view = {'tokens': batch[tokens], 'segment_ids': batch['segment_ids'], 'loss_mask': batch[mask]}
   targets_BL, weights_BL = losses.next_token_targets(view)
-  logp_BL = losses.token_log_probs(logits_BLV, targets_BL) * weights_BL
+  return losses.token_log_probs(logits_BLV, targets_BL) * weights_BL, weights_BL
+
+
+def response_log_probs(model: nn.Module, params: Any, batch: Batch, rng: jax.Array | None,
+                       tokens: str, mask: str) -> tuple[jax.Array, jax.Array]:
+  """(sum of log p over each response's tokens, number of those tokens), [B * L] each."""
+  logp_BL, weights_BL = response_token_log_probs(model, params, batch, rng, tokens, mask)
   segment_ids_BL = batch['segment_ids']
   return losses.segment_sums(logp_BL, segment_ids_BL), losses.segment_sums(weights_BL,
                                                                            segment_ids_BL)
+
+
+# DPO's precomputed reference (train/dpo.py `precompute_reference`): per-token
+# log-probs of the chosen and rejected rows, aligned fields of the preference
+# data holding float32 bit patterns (the shards store int32).
+REFERENCE_FIELDS = ('ref_chosen_logp', 'ref_rejected_logp')
+
+
+def precomputed_reference_log_probs(batch: Batch) -> tuple[jax.Array, jax.Array]:
+  """The reference's per-pair (chosen, rejected) log-prob sums [B * L] from REFERENCE_FIELDS."""
+  chosen, rejected = (
+      losses.segment_sums(jax.lax.bitcast_convert_type(batch[name], jax.numpy.float32),
+                          batch['segment_ids']) for name in REFERENCE_FIELDS)
+  return chosen, rejected
 
 
 def reward_model(model: nn.Module, centering: float = 0.0, use_margin: bool = True,
@@ -172,7 +193,8 @@ def dpo(model: nn.Module, beta: float = 0.1, label_smoothing: float = 0.0,
 
   The reference's log-probs come from a forward pass of
   `reference_params(frozen)` (no gradient; the same weights as the policy at
-  step 0, so the loss starts at log 2 for sigmoid DPO).
+  step 0, so the loss starts at log 2 for sigmoid DPO), or, when the batch
+  carries REFERENCE_FIELDS, from those precomputed per-token values.
   """
   def loss_fn(params, batch, rng, frozen):
     rngs = (None, None) if not dropout or rng is None else tuple(jax.random.split(rng))
@@ -180,10 +202,14 @@ def dpo(model: nn.Module, beta: float = 0.1, label_smoothing: float = 0.0,
                                                    'tokens', 'chosen_mask')
     rejected_P, rejected_tokens_P = response_log_probs(model, params, batch, rngs[1],
                                                        'rejected', 'rejected_mask')
-    reference = reference_params(frozen)
-    ref_chosen_P, _ = response_log_probs(model, reference, batch, None, 'tokens', 'chosen_mask')
-    ref_rejected_P, _ = response_log_probs(model, reference, batch, None, 'rejected',
-                                           'rejected_mask')
+    if REFERENCE_FIELDS[0] in batch:  # precomputed: no reference pass
+      ref_chosen_P, ref_rejected_P = precomputed_reference_log_probs(batch)
+    else:
+      reference = reference_params(frozen)
+      ref_chosen_P, _ = response_log_probs(model, reference, batch, None, 'tokens',
+                                           'chosen_mask')
+      ref_rejected_P, _ = response_log_probs(model, reference, batch, None, 'rejected',
+                                             'rejected_mask')
     return losses.dpo(chosen_P, rejected_P, jax.lax.stop_gradient(ref_chosen_P),
                       jax.lax.stop_gradient(ref_rejected_P), pair_weights(batch), beta=beta,
                       label_smoothing=label_smoothing, loss_type=loss_type,

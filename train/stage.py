@@ -85,6 +85,10 @@ class Stage:
     the state starts from, placed like `built.abstract_state.params`
     (default `params_from_run`: the source run's whole tree, every key
     checked; a reward model takes an LM's trunk and a new head).
+  derive_data: (Built) -> a data directory to train and evaluate on in place
+    of `config.data.workdir`, made from it once the model is built (DPO's
+    reference log-probs, computed in one pass); None to keep the data as it
+    is. The run's data fingerprint stays that of `config.data.workdir`.
   """
   name: str
   validate: Callable[[ml_collections.ConfigDict], None]
@@ -95,6 +99,7 @@ class Stage:
   frozen: Callable[['Built'], tuple[Any, Any]] | None = None
   model: Callable[[model_config_lib.ModelConfig], Any] = transformer.Transformer
   init_params: Callable[['Built'], tuple[int, Any]] | None = None
+  derive_data: Callable[['Built'], str | None] | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -106,6 +111,7 @@ class Built:
     restore a reference model); with LoRA on, `abstract_state.params` are
     the adapters only, these stay the model's.
   lora: the LoRA set-up (train/lora.py), None when LoRA is off.
+  workdir: the run directory.
   """
   config: ml_collections.ConfigDict
   model: transformer.Transformer
@@ -116,6 +122,7 @@ class Built:
   abstract_params: Any = None
   param_shardings: Any = None
   lora: lora_lib.Setup | None = None
+  workdir: str | None = None
 
 
 def model_config(config: ml_collections.ConfigDict) -> model_config_lib.ModelConfig:
@@ -251,7 +258,11 @@ def run(stage: Stage, config: ml_collections.ConfigDict, workdir: str) -> loop.L
     abstract_params, param_shardings = lora.base_abstract, lora.base_shardings
   batch_sharding = mesh_lib.batch_sharding(mesh, rules)
   check_batch(config, mesh, batch_sharding)
-  data_dir = config.data.workdir
+  built = Built(config=config, model=model, mesh=mesh, abstract_state=abstract_state,
+                state_shardings=state_shardings, init_from=init_from,
+                abstract_params=abstract_params, param_shardings=param_shardings, lora=lora,
+                workdir=workdir)
+  data_dir = (stage.derive_data(built) if stage.derive_data else None) or config.data.workdir
   train_loader = loader_lib.make_loader(
       data_dir, 'train', seq_len=config.seq_len, batch_size=config.batch_size, seed=config.seed,
       num_epochs=config.num_epochs, shuffle=True, sharding=batch_sharding)
@@ -264,9 +275,6 @@ def run(stage: Stage, config: ml_collections.ConfigDict, workdir: str) -> loop.L
     loop_cfg = dataclasses.replace(
         loop_cfg, num_train_steps=min(loop_cfg.num_train_steps or data_steps, data_steps))
   checkpoint_dir = os.fspath(epath.Path(workdir) / run_files.CHECKPOINT_DIR)
-  built = Built(config=config, model=model, mesh=mesh, abstract_state=abstract_state,
-                state_shardings=state_shardings, init_from=init_from,
-                abstract_params=abstract_params, param_shardings=param_shardings, lora=lora)
   frozen, frozen_shardings = None, None
   if stage.frozen is not None:
     frozen, frozen_shardings = stage.frozen(built)
