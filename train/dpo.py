@@ -33,7 +33,6 @@ from typing import Any
 
 from absl import flags
 import jax
-import jax.numpy as jnp
 import ml_collections
 from ml_collections import config_flags
 import numpy as np
@@ -50,6 +49,7 @@ from train import paths
 from train import reward
 from train import run_files
 from train import stage as stage_lib
+from train import steps as steps_lib
 
 REFERENCE_DATA = 'reference_data'
 _DONE = 'DONE'
@@ -115,12 +115,15 @@ def precompute_reference(built: stage_lib.Built) -> str | None:
   shutil.rmtree(out_dir, ignore_errors=True)
   _, params = stage_lib.params_from_run(built.init_from, built.abstract_params)
   model, seq_len, batch_size = built.model, config.seq_len, config.batch_size
-  sharding = mesh_lib.batch_sharding(built.mesh, mesh_lib.logical_rules(config.mesh))
+  rules = mesh_lib.logical_rules(config.mesh)
+  sharding = mesh_lib.batch_sharding(built.mesh, rules)
 
   @jax.jit
   def log_probs(params, batch):
-    return tuple(objectives.response_token_log_probs(model, params, batch, None, tokens, mask)[0]
-                 for tokens, mask in (('tokens', 'chosen_mask'), ('rejected', 'rejected_mask')))
+    with steps_lib.sharding_context(built.mesh, rules):
+      return tuple(objectives.response_token_log_probs(model, params, batch, None, tokens,
+                                                       mask)[0]
+                   for tokens, mask in (('tokens', 'chosen_mask'), ('rejected', 'rejected_mask')))
 
   framing, fields = shards.layout(config.data.workdir)
   splits, counts = {}, {}
@@ -137,8 +140,7 @@ def precompute_reference(built: stage_lib.Built) -> str | None:
           batch[name][row, :length] = doc[name]
         batch['segment_ids'][row, :length] = 1
         batch['positions'][row, :length] = np.arange(length)
-      with built.mesh:
-        chosen, rejected = jax.device_get(log_probs(params, jax.device_put(batch, sharding)))
+      chosen, rejected = jax.device_get(log_probs(params, jax.device_put(batch, sharding)))
       for row, doc in enumerate(docs):
         length = len(doc['tokens'])
         record = {name: np.asarray(doc[name]) for name in ('tokens',) + fields}
