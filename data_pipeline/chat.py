@@ -147,7 +147,7 @@ def validate(messages: Any, *, for_generation: bool = False) -> list[Message]:
   return out
 
 
-def _encode_text(tokenizer: ChatTokenizer, text: str) -> list[int]:
+def encode_text(tokenizer: ChatTokenizer, text: str) -> list[int]:
   """Ids of plain text: no BOS/EOS even if the tokenizer adds them."""
   ids = list(tokenizer.encode(text))
   # Some tokenizers (a user's SentencePiece model with add_bos set) add them
@@ -164,11 +164,11 @@ def _encode_text(tokenizer: ChatTokenizer, text: str) -> list[int]:
 def _render(tokenizer: ChatTokenizer, messages: list[Message],
             for_generation: bool) -> tuple[list[int], list[int]]:
   ids = control_ids(tokenizer)
-  newline = _encode_text(tokenizer, SEPARATOR)
+  newline = encode_text(tokenizer, SEPARATOR)
   tokens, mask = [tokenizer.bos_id], [0]
   for message in messages:
     role = message['role']
-    content = _encode_text(tokenizer, message['content'])
+    content = encode_text(tokenizer, message['content'])
     learn = 1 if role == ASSISTANT else 0
     tokens += [ids[role_token(role)]] + content + [ids[END]] + newline
     mask += [0] + [learn] * len(content) + [learn] + [0] * len(newline)

@@ -107,3 +107,46 @@ def test_unigram_baseline_matches_hand_computation(tmp_path):
   other = str(tmp_path / 'no_train')
   shards.write_dataset(other, {'test': [('s0', [5], 4)]})
   assert evaluate.unigram_baseline(other, 'test', vocab) is None
+
+
+def test_name_token_loss_reads_the_requested_name_in_the_reference_answer(stdlib_tokenizer):
+  """The tokens it scores spell the name; their loss is the model's at those positions."""
+  from data_pipeline import chat  # pylint: disable=g-import-not-at-top
+  tok = stdlib_tokenizer
+  prompts = [
+      {'messages': [{'role': 'user', 'content': 'Implement `def iter_fields(node)`.'}],
+       'answer': 'def iter_fields(node):\n    """Yield fields."""\n    return node._fields',
+       'function_name': 'iter_fields'},
+      {'messages': [{'role': 'user', 'content': 'Implement the method `def tell(self)`.'}],
+       'answer': '@property\ndef tell(self):\n    return self._pos',
+       'function_name': 'Reader.tell'},
+  ]
+  for p in prompts:
+    ids = chat.encode_text(tok, p['answer'])
+    name = p['function_name'].split('.')[-1]
+    positions = evaluate._name_positions(tok, ids, name, p['answer'])
+    assert positions == list(range(positions[0], positions[-1] + 1))
+    assert name in tok.decode([ids[j] for j in positions])
+    assert name not in tok.decode([ids[j] for j in positions[1:]])     # no token too many
+    assert name not in tok.decode([ids[j] for j in positions[:-1]])
+  config = pretrain.get_config(
+      f'tiny,model.vocab_size={tok.vocab_size},model.d_model=32,model.num_layers=2,'
+      'model.num_heads=4,model.num_kv_heads=2,model.head_dim=8,model.mlp_dim=64,model.max_len=64')
+  model = Transformer(ModelConfig.from_config(config.model))
+  params = nn.unbox(jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))['params'])
+  mesh = mesh_lib.make_mesh(config.mesh)
+  result = evaluate.name_token_loss(config, model, params, tok, mesh, prompts, batch_size=4)
+  name_nll, other_nll = [], []
+  for p in prompts:   # by hand, one conversation at a time
+    prompt_ids = list(chat.render_prompt(tok, p['messages']))
+    answer_ids = chat.encode_text(tok, p['answer'])
+    seq = np.array(prompt_ids + answer_ids, np.int32)
+    logp = np.asarray(jax.nn.log_softmax(model.apply({'params': params}, seq[None])[0]))
+    named = evaluate._name_positions(tok, answer_ids, p['function_name'].split('.')[-1],
+                                     p['answer'])
+    for j in range(len(answer_ids)):
+      nll = -logp[len(prompt_ids) + j - 1, answer_ids[j]]
+      (name_nll if j in named else other_nll).append(nll)
+  assert result['name_tokens'] == len(name_nll)
+  np.testing.assert_allclose(result['name_token_loss'], np.mean(name_nll), rtol=1e-4)
+  np.testing.assert_allclose(result['other_answer_token_loss'], np.mean(other_nll), rtol=1e-4)

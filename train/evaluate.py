@@ -33,6 +33,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import time
 from typing import Any, Sequence
 
@@ -156,7 +157,9 @@ def functional_metrics(config: Any, model: Any, params: Any, tokenizer: Any,
       config, model, params, tokenizer, mesh, prompts,
       max_new_tokens=max(1, min(max_new_tokens, room)), greedy=True)
   checks = [code_checks.check_completion(s['completion'], s['function_name']) for s in samples]
+  copying = name_token_loss(config, model, params, tokenizer, mesh, prompts)
   return {
+      **copying,
       'functional_split': split,
       'num_prompts': len(samples),
       'parse_rate': sum(c.parses for c in checks) / len(checks),
@@ -167,6 +170,75 @@ def functional_metrics(config: Any, model: Any, params: Any, tokenizer: Any,
                     'parses': c.parses, 'defines_name': c.defines_name}
                    for s, c in list(zip(samples, checks))[:5]],
   }
+
+
+def _name_positions(tokenizer: Any, answer_ids: Sequence[int], name: str,
+                    answer: str) -> list[int]:
+  """Indices of the answer tokens that spell the requested `def` name (empty if not found)."""
+  match = re.search(r'def\s+(' + re.escape(name) + r')\s*\(', answer)
+  if match is None:
+    return []
+  start, stop = match.span(1)
+  out, previous = [], 0
+  for j in range(len(answer_ids)):
+    end = len(tokenizer.decode([int(t) for t in answer_ids[:j + 1]]))
+    if end > start and previous < stop:
+      out.append(j)
+    if end >= stop:
+      break
+    previous = end
+  return out
+
+
+def name_token_loss(config: Any, model: Any, params: Any, tokenizer: Any,
+                    mesh: jax.sharding.Mesh, prompts: Sequence[dict[str, Any]],
+                    batch_size: int = 16) -> dict[str, Any]:
+  """Does the model read the request? Its loss on the requested name in the reference answer.
+
+  Teacher-forced on each prompt's reference `answer`: the mean loss (nats)
+  on the answer tokens that spell the requested `def` name, which the
+  prompt states verbatim (a model that copies from the prompt predicts
+  them almost surely), beside the mean loss on the answer's other tokens.
+  """
+  from data_pipeline import chat  # pylint: disable=g-import-not-at-top
+  rows = []
+  for prompt in prompts:
+    if not prompt.get('answer'):
+      continue
+    prompt_ids = list(chat.render_prompt(tokenizer, prompt['messages']))
+    answer_ids = chat.encode_text(tokenizer, prompt['answer'])
+    names = _name_positions(tokenizer, answer_ids,
+                            code_checks.requested_def(prompt['function_name']), prompt['answer'])
+    ids = (prompt_ids + answer_ids)[:model.config.max_len]
+    if names and len(prompt_ids) + names[-1] < len(ids):
+      rows.append((ids, len(prompt_ids), names))
+  if not rows:
+    return {'name_token_loss': None, 'name_tokens': 0, 'other_answer_token_loss': None}
+  rules = mesh_lib.logical_rules(config.mesh)
+
+  @jax.jit
+  def token_nll(params, tokens):
+    with steps_lib.sharding_context(mesh, rules):
+      logits = model.apply({'params': params}, tokens)
+    logp = jax.nn.log_softmax(logits[:, :-1].astype(np.float32), axis=-1)
+    return -np.take_along_axis(logp, tokens[:, 1:, None], axis=-1)[..., 0]
+
+  name_nll, other_nll = [], []
+  length = model.config.max_len
+  for first in range(0, len(rows), batch_size):
+    chunk = rows[first:first + batch_size]
+    tokens = np.zeros((batch_size, length), np.int32)
+    for i, (ids, _, _) in enumerate(chunk):
+      tokens[i, :len(ids)] = ids
+    nll = np.asarray(jax.device_get(token_nll(params, tokens)))
+    for i, (ids, prompt_len, names) in enumerate(chunk):
+      # Position t predicts token t + 1: answer token j is predicted at prompt_len + j - 1.
+      answer = range(prompt_len - 1, len(ids) - 1)
+      named = {prompt_len + j - 1 for j in names}
+      name_nll += [nll[i, t] for t in sorted(named)]
+      other_nll += [nll[i, t] for t in answer if t not in named]
+  return {'name_token_loss': float(np.mean(name_nll)), 'name_tokens': len(name_nll),
+          'other_answer_token_loss': float(np.mean(other_nll))}
 
 
 def _target_counts(data_dir: str, split: str, vocab_size: int) -> np.ndarray:
@@ -267,6 +339,10 @@ def main(argv: Sequence[str]) -> None:
     print(f'functional, {result["num_prompts"]} held-out instructions: parse_rate '
           f'{result["parse_rate"]:.3f} | parse_and_name_rate {result["parse_and_name_rate"]:.3f}'
           f' | stopped at <|end|> {result["stopped_rate"]:.3f}')
+    if result['name_token_loss'] is not None:
+      print(f'reads the request: loss {result["name_token_loss"]:.2f} nats on the requested '
+            f'name\'s {result["name_tokens"]} tokens in the reference answers, '
+            f'{result["other_answer_token_loss"]:.2f} on their other tokens')
   path = epath.Path(FLAGS.workdir) / f'eval_{FLAGS.split}.json'
   path.write_text(json.dumps(result, indent=2))
   print(f'wrote {path}')
