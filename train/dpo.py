@@ -127,10 +127,19 @@ def precompute_reference(built: stage_lib.Built) -> str | None:
 
   framing, fields = shards.layout(config.data.workdir)
   splits, counts = {}, {}
-  for split in shards.split_names(config.data.workdir):
+  names = shards.split_names(config.data.workdir)
+  total = sum(len(shards.data_source(config.data.workdir, split)) for split in names)
+  print(f'Reference log-probs of {total} pairs ({", ".join(names)}), '
+        f'{batch_size} at a time...', flush=True)
+  done_pairs, next_report = 0, 0.1
+  for split in names:
     source = shards.data_source(config.data.workdir, split)
     records = []
     for first in range(0, len(source), batch_size):
+      if done_pairs >= next_report * total:
+        print(f'  {done_pairs}/{total} pairs, {time.perf_counter() - start:.0f} s', flush=True)
+        next_report += 0.1
+      done_pairs += min(batch_size, len(source) - first)
       docs = [source[i] for i in range(first, min(first + batch_size, len(source)))]
       batch = {name: np.zeros((batch_size, seq_len), np.int32)
                for name in ('tokens', 'segment_ids', 'positions') + fields}
