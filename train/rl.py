@@ -38,7 +38,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
-import sys
 import time
 from typing import Any, Callable, Mapping, Sequence
 
@@ -60,8 +59,6 @@ from data_pipeline import sft_data
 from data_pipeline import tokenizer as tokenizer_lib
 from model import transformer
 from train import checkpoint as checkpoint_lib
-from train import console
-from train import distributed
 from train import loop
 from train import losses
 from train import mesh as mesh_lib
@@ -501,16 +498,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
     checkpointer.close()
 
 
-def main(argv: list[str]) -> None:
-  if len(argv) > 1:
-    raise cli.UserError(f'Unexpected arguments: {argv[1:]}')
-  console.quiet_libraries()
-  distributed.initialize_from_flags()
-  try:
-    result = train(flags.FLAGS.config, flags.FLAGS.workdir)
-  except loop.NonFiniteLossError:
-    sys.exit(1)   # the loop printed the step and value
-  print(f'Training finished: {stage_lib.summary(result)}', flush=True)
+main = stage_lib.entry_point(train)
 
 
 if __name__ == '__main__':
