@@ -322,8 +322,9 @@ class Attention(nn.Module):
   With `decode=True` it keeps a KV cache in the 'cache' collection:
   `cached_key` [B, K, H, max_len] and `cached_value` [B, K, max_len, H]
   (compute dtype, keys already rotated; laid out so that both products of a
-  decode step are plain matmuls that read the cache without a transpose), `cache_segment_ids` and `cache_positions` [B, max_len] (int32; a
-  segment id of 0 marks an empty or padding slot) and `cache_index` [B], the
+  decode step are plain matmuls that read the cache without a transpose),
+  `cache_segment_ids` and `cache_positions` [B, max_len] (int32; a segment
+  id of 0 marks an empty or padding slot) and `cache_index` [B], the
   next slot to write in each row. A call writes its T tokens at slots
   `index .. index + T - 1` of each row (writes past the end are dropped) and
   then advances the row's index to just after its last non-padding token. So

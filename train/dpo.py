@@ -127,13 +127,13 @@ def precompute_reference(built: stage_lib.Built) -> str | None:
 
   framing, fields = shards.layout(config.data.workdir)
   splits, counts = {}, {}
-  names = shards.split_names(config.data.workdir)
-  total = sum(len(shards.data_source(config.data.workdir, split)) for split in names)
-  print(f'Reference log-probs of {total} pairs ({", ".join(names)}), '
+  sources = {split: shards.data_source(config.data.workdir, split)
+             for split in shards.split_names(config.data.workdir)}
+  total = sum(len(source) for source in sources.values())
+  print(f'Reference log-probs of {total} pairs ({", ".join(sources)}), '
         f'{batch_size} at a time...', flush=True)
   done_pairs, next_report = 0, 0.1
-  for split in names:
-    source = shards.data_source(config.data.workdir, split)
+  for split, source in sources.items():
     records = []
     for first in range(0, len(source), batch_size):
       if done_pairs >= next_report * total:

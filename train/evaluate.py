@@ -51,6 +51,7 @@ from data_pipeline import tokenizer as tokenizer_lib
 from train import code_checks
 from train import console
 from train import distributed
+from train import losses
 from train import mesh as mesh_lib
 from train import paths
 from train import state as state_lib
@@ -220,8 +221,7 @@ def name_token_loss(config: Any, model: Any, params: Any, tokenizer: Any,
   def token_nll(params, tokens):
     with steps_lib.sharding_context(mesh, rules):
       logits = model.apply({'params': params}, tokens)
-    logp = jax.nn.log_softmax(logits[:, :-1].astype(np.float32), axis=-1)
-    return -np.take_along_axis(logp, tokens[:, 1:, None], axis=-1)[..., 0]
+    return -losses.token_log_probs(logits[:, :-1], tokens[:, 1:])
 
   name_nll, other_nll = [], []
   length = model.config.max_len
