@@ -31,13 +31,10 @@ import shutil
 import time
 from typing import Any
 
-from absl import flags
 import jax
 import ml_collections
-from ml_collections import config_flags
 import numpy as np
 
-from configs import cli
 from configs import dpo as dpo_config
 from configs.cli import UserError
 from data_pipeline import shards
@@ -192,8 +189,4 @@ main = stage_lib.entry_point(train)
 
 
 if __name__ == '__main__':
-  config_flags.DEFINE_config_file(
-      'config', None, 'DPO config file and preset, e.g. configs/dpo.py:tiny.', lock_config=True)
-  flags.DEFINE_string('workdir', None, 'Run directory (checkpoints, metrics, config).')
-  flags.mark_flags_as_required(['config', 'workdir'])
-  cli.run(main)
+  stage_lib.run_command_line(main, 'DPO config file and preset, e.g. configs/dpo.py:tiny.')

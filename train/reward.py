@@ -26,12 +26,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from absl import flags
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
-from ml_collections import config_flags
 
 from configs import cli
 from configs import reward as reward_config
@@ -139,9 +137,4 @@ main = stage_lib.entry_point(train)
 
 
 if __name__ == '__main__':
-  config_flags.DEFINE_config_file(
-      'config', None, 'Reward-model config file and preset, e.g. configs/reward.py:tiny.',
-      lock_config=True)
-  flags.DEFINE_string('workdir', None, 'Run directory (checkpoints, metrics, config).')
-  flags.mark_flags_as_required(['config', 'workdir'])
-  cli.run(main)
+  stage_lib.run_command_line(main, 'Reward-model config file and preset, e.g. configs/reward.py:tiny.')

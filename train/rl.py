@@ -41,14 +41,12 @@ import os
 import time
 from typing import Any, Callable, Mapping, Sequence
 
-from absl import flags
 from etils import epath
 import flax.linen as nn
 from flax import struct
 import jax
 import jax.numpy as jnp
 import ml_collections
-from ml_collections import config_flags
 import numpy as np
 import optax
 
@@ -502,9 +500,4 @@ main = stage_lib.entry_point(train)
 
 
 if __name__ == '__main__':
-  config_flags.DEFINE_config_file(
-      'config', None, 'RL config file and preset, e.g. configs/rl.py:grpo_tiny.',
-      lock_config=True)
-  flags.DEFINE_string('workdir', None, 'Run directory (checkpoints, metrics, config).')
-  flags.mark_flags_as_required(['config', 'workdir'])
-  cli.run(main)
+  stage_lib.run_command_line(main, 'RL config file and preset, e.g. configs/rl.py:grpo_tiny.')

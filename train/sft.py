@@ -16,9 +16,7 @@ empty trains from scratch.
 from __future__ import annotations
 
 
-from absl import flags
 import ml_collections
-from ml_collections import config_flags
 
 from configs import cli
 from configs import sft as sft_config
@@ -51,9 +49,4 @@ main = stage_lib.entry_point(train)
 
 
 if __name__ == '__main__':
-  # Defined here, not at import: tests import this module next to other entry points.
-  config_flags.DEFINE_config_file(
-      'config', None, 'SFT config file and preset, e.g. configs/sft.py:tiny.', lock_config=True)
-  flags.DEFINE_string('workdir', None, 'Run directory (checkpoints, metrics, config).')
-  flags.mark_flags_as_required(['config', 'workdir'])
-  cli.run(main)
+  stage_lib.run_command_line(main, 'SFT config file and preset, e.g. configs/sft.py:tiny.')

@@ -39,6 +39,7 @@ import jax
 import ml_collections
 import numpy as np
 
+from configs import cli
 from configs.cli import UserError
 from data_pipeline import loader as loader_lib
 from model import config as model_config_lib
@@ -380,3 +381,17 @@ def entry_point(train: Callable[[ml_collections.ConfigDict, str], loop.LoopResul
       raise SystemExit(1) from None
     print(f'Training finished: {summary(result)}', flush=True)
   return main
+
+
+def run_command_line(main: Callable[[list[str]], None], config_help: str) -> None:
+  """Defines the `--config` / `--workdir` flags of a stage's `python -m` command and runs `main`.
+
+  Called under `if __name__ == '__main__'`, not at import: tests import several
+  entry-point modules side by side, and a flag may be defined only once.
+  """
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
+  config_flags.DEFINE_config_file('config', None, config_help, lock_config=True)
+  flags.DEFINE_string('workdir', None, 'Run directory (checkpoints, metrics, config).')
+  flags.mark_flags_as_required(['config', 'workdir'])
+  cli.run(main)
