@@ -45,6 +45,7 @@ import ml_collections
 
 from configs import overrides
 from configs import pretrain
+from configs import sft
 from configs import validation as v
 from configs.cli import UserError
 
@@ -88,15 +89,8 @@ def tiny() -> ml_collections.ConfigDict:
 
 
 def tpu(config: ml_collections.ConfigDict, learning_rate: float) -> ml_collections.ConfigDict:
-  """The large presets: the user's JSONL pairs, a small learning rate."""
-  config.data.source = 'files'
-  config.optimizer.learning_rate = learning_rate
-  config.optimizer.warmup_steps = 50
-  config.optimizer.weight_decay = 0.0
-  config.batch_size = 64
-  config.eval_every = 200
-  config.checkpoint_every = 500
-  return config
+  """The large presets (reward and DPO): the user's JSONL pairs, a small learning rate."""
+  return sft.tpu(config, learning_rate, warmup_steps=50)
 
 
 def one_b() -> ml_collections.ConfigDict:
@@ -114,12 +108,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   return overrides.build(arg, PRESETS, default_preset='tiny')
 
 
-DATA_RULES: tuple[v.Rule, ...] = (
-    ('data.source', lambda s: s in ('stdlib', 'files'), "'stdlib' or 'files'"),
+DATA_RULES: tuple[v.Rule, ...] = sft.RULES + (
     ('data.kinds', lambda s: isinstance(s, str) and bool(s) and all(
         k in KINDS.split(',') for k in s.split(',')), f'a comma-separated subset of {KINDS}'),
-    ('data.validation', v.is_number(0.0, 0.5), 'a number in [0, 0.5]'),
-    ('data.test', v.is_number(0.0, 0.5), 'a number in [0, 0.5]'),
 )
 RULES: tuple[v.Rule, ...] = DATA_RULES + (
     ('reward_model.centering', v.is_number(0.0), 'a number >= 0'),

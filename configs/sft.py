@@ -71,11 +71,13 @@ def tiny() -> ml_collections.ConfigDict:
   return config
 
 
-def _tpu(config: ml_collections.ConfigDict, learning_rate: float) -> ml_collections.ConfigDict:
-  """The large presets: the user's JSONL instructions, a small constant-ish learning rate."""
+def tpu(config: ml_collections.ConfigDict, learning_rate: float,
+        warmup_steps: int = 100) -> ml_collections.ConfigDict:
+  """The large post-training presets (SFT, reward, DPO): the user's JSONL files, a small
+  constant-ish learning rate, batch 64."""
   config.data.source = 'files'
   config.optimizer.learning_rate = learning_rate
-  config.optimizer.warmup_steps = 100
+  config.optimizer.warmup_steps = warmup_steps
   config.optimizer.weight_decay = 0.0
   config.batch_size = 64
   config.eval_every = 200
@@ -84,11 +86,11 @@ def _tpu(config: ml_collections.ConfigDict, learning_rate: float) -> ml_collecti
 
 
 def one_b() -> ml_collections.ConfigDict:
-  return _tpu(_sft(pretrain.one_b()), 2e-5)
+  return tpu(_sft(pretrain.one_b()), 2e-5)
 
 
 def seven_b() -> ml_collections.ConfigDict:
-  return _tpu(_sft(pretrain.seven_b()), 1e-5)
+  return tpu(_sft(pretrain.seven_b()), 1e-5)
 
 
 PRESETS = {'tiny': tiny, '1b': one_b, '7b': seven_b}
@@ -98,6 +100,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   return overrides.build(arg, PRESETS, default_preset='tiny')
 
 
+# The data keys every post-training stage shares (the reward and DPO configs add theirs).
 RULES: tuple[v.Rule, ...] = (
     ('data.source', lambda s: s in ('stdlib', 'files'), "'stdlib' or 'files'"),
     ('data.validation', v.is_number(0.0, 0.5), 'a number in [0, 0.5]'),

@@ -41,7 +41,7 @@ import logging
 import os
 import time
 import unicodedata
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 from configs.cli import UserError
@@ -53,6 +53,7 @@ from data_pipeline import sources
 from data_pipeline import split as split_lib
 
 REPORT = 'sft_report.json'
+DONE = 'DONE'  # written last into a data workdir, with the settings it was built with
 MAX_LISTED = 20  # Skipped records named per reason in the report; all are counted.
 
 Record = dict[str, Any]
@@ -157,6 +158,33 @@ class Report:
     }
 
 
+def finished_report(workdir: str, settings: dict[str, Any], what: str,
+                    report_name: str = REPORT) -> dict[str, Any] | None:
+  """The report of data already built in `workdir` with these `settings`; None if not built.
+
+  Data built there with other settings is a UserError naming what changed
+  (`what`: 'SFT data', 'preference data'), so a run never trains on stale data.
+  """
+  done = os.path.join(workdir, DONE)
+  if not os.path.exists(done):
+    return None
+  with open(done) as f:
+    built = json.load(f).get('settings', {})
+  changed = [f'{k}: {built.get(k)!r} -> {v!r}' for k, v in settings.items()
+             if built.get(k) != v]
+  if changed:
+    raise UserError(f'{workdir} holds {what} built with other settings ({"; ".join(changed)})'
+                    '; use another data.workdir or delete it.')
+  with open(os.path.join(workdir, report_name)) as f:
+    return json.load(f)
+
+
+def mark_finished(workdir: str, settings: dict[str, Any]) -> None:
+  """Writes DONE, last: the data in `workdir` is complete and was built with `settings`."""
+  with open(os.path.join(workdir, DONE), 'w') as f:
+    json.dump({'finished': time.strftime('%Y-%m-%dT%H:%M:%S%z'), 'settings': settings}, f)
+
+
 def write_report(report: dict[str, Any], output_dir: str) -> str:
   """Writes `report` as `<output_dir>/sft_report.json`; returns the path."""
   os.makedirs(output_dir, exist_ok=True)
@@ -254,13 +282,18 @@ def build_records(candidates: Iterable[Candidate], tokenizer: chat.ChatTokenizer
 # User files.
 
 
-def _file_candidates(paths: str | Sequence[str], report: Report) -> Iterable[Candidate]:
-  files = sources.expand_paths(paths)
-  report.details['files'] = len(files)
+def jsonl_records(files: Sequence[str], report: Report, what: str
+                  ) -> Iterator[tuple[str, int, Any]]:
+  """(path, line number, parsed JSON) of every non-blank line of the .jsonl `files`.
+
+  Each line is a candidate in `report`; a file of another type, bytes that are
+  not UTF-8 and lines that are not JSON are skipped and counted there with
+  their place. `what` names the data in the message for a wrong file type.
+  """
   for path in files:
     if not path.endswith('.jsonl'):
       report.candidates += 1
-      report.skip('unsupported_file_type', path, 'instruction data is read from .jsonl files')
+      report.skip('unsupported_file_type', path, f'{what} is read from .jsonl files')
       continue
     with open(path, 'rb') as f:
       data = f.read()
@@ -277,14 +310,22 @@ def _file_candidates(paths: str | Sequence[str], report: Report) -> Iterable[Can
       except json.JSONDecodeError as e:
         report.skip('bad_json', where, f'{e.msg} (column {e.colno})')
         continue
-      try:
-        messages = record_messages(record)
-      except chat.ChatFormatError as e:
-        report.skip(e.reason, where, e.detail)
-        continue
-      # The id of pre-training's jsonl source, so one file splits the same way in both.
-      doc_id = f'file:{path}#{lineno}'
-      yield Candidate(doc_id, doc_id, where, messages, {'where': where})
+      yield path, lineno, record
+
+
+def _file_candidates(paths: str | Sequence[str], report: Report) -> Iterable[Candidate]:
+  files = sources.expand_paths(paths)
+  report.details['files'] = len(files)
+  for path, lineno, record in jsonl_records(files, report, 'instruction data'):
+    where = f'{path}:{lineno}'
+    try:
+      messages = record_messages(record)
+    except chat.ChatFormatError as e:
+      report.skip(e.reason, where, e.detail)
+      continue
+    # The id of pre-training's jsonl source, so one file splits the same way in both.
+    doc_id = f'file:{path}#{lineno}'
+    yield Candidate(doc_id, doc_id, where, messages, {'where': where})
 
 
 def read_instruction_files(paths: str | Sequence[str], tokenizer: chat.ChatTokenizer,

@@ -34,7 +34,6 @@ import hashlib
 import json
 import os
 import shutil
-import time
 from typing import Any
 
 from configs.cli import UserError
@@ -49,7 +48,7 @@ from data_pipeline import split as split_lib
 from data_pipeline import stdlib_instructions
 from data_pipeline import tokenizer as tokenizer_lib
 
-DONE = 'DONE'
+DONE = instructions.DONE
 TOKENIZER = 'tokenizer.model'
 REPORT = 'preference_report.json'
 SOURCES = ('stdlib', 'files')
@@ -105,52 +104,34 @@ def _file_pairs(paths: str, validation: float, test: float, report: instructions
     raise UserError(str(e)) from None
   out: dict[str, list[dict[str, Any]]] = {name: [] for name in split_lib.SPLITS}
   seen: dict[bytes, str] = {}
-  for path in files:
-    if not path.endswith('.jsonl'):
-      report.candidates += 1
-      report.skip('unsupported_file_type', path, 'preference data is read from .jsonl files')
+  for path, lineno, record in instructions.jsonl_records(files, report, 'preference data'):
+    where = f'{path}:{lineno}'
+    try:
+      pairs = preferences.record_pairs(record)
+    except chat.ChatFormatError as e:
+      report.skip(e.reason, where, e.detail)
       continue
-    with open(path, 'rb') as f:
-      data = f.read()
-    for lineno, raw in enumerate(data.split(b'\n'), start=1):
-      if not raw.strip():
+    doc_id = f'file:{path}#{lineno}'
+    split = split_lib.assign_split(doc_id, validation, test)
+    for k, pair in enumerate(pairs):
+      # The cleaning of instruction data: NFC and PII scrub of every text.
+      messages = pair['prompt'] + [{'role': chat.ASSISTANT, 'content': pair['chosen']},
+                                   {'role': chat.ASSISTANT, 'content': pair['rejected']}]
+      cleaned = instructions._clean_messages(  # pylint: disable=protected-access
+          messages, 'NFC', True, report.pii_replacements)
+      pair = dict(pair, prompt=cleaned[:-2], chosen=cleaned[-2]['content'],
+                  rejected=cleaned[-1]['content'])
+      if pair['chosen'] == pair['rejected']:
+        report.skip('identical_responses', where, 'identical after cleaning')
         continue
-      report.candidates += 1
-      where = f'{path}:{lineno}'
-      try:
-        record = json.loads(raw.decode('utf-8'))
-      except UnicodeDecodeError as e:
-        report.skip('not_utf8', where, f'invalid byte at offset {e.start}')
+      text = json.dumps([pair['prompt'], pair['chosen'], pair['rejected']])
+      digest = dedup.normalized_hash(text)
+      if digest in seen:
+        report.skip('duplicate', where, f'duplicate of {seen[digest]}')
         continue
-      except json.JSONDecodeError as e:
-        report.skip('bad_json', where, f'{e.msg} (column {e.colno})')
-        continue
-      try:
-        pairs = preferences.record_pairs(record)
-      except chat.ChatFormatError as e:
-        report.skip(e.reason, where, e.detail)
-        continue
-      doc_id = f'file:{path}#{lineno}'
-      split = split_lib.assign_split(doc_id, validation, test)
-      for k, pair in enumerate(pairs):
-        # The cleaning of instruction data: NFC and PII scrub of every text.
-        messages = pair['prompt'] + [{'role': chat.ASSISTANT, 'content': pair['chosen']},
-                                     {'role': chat.ASSISTANT, 'content': pair['rejected']}]
-        cleaned = instructions._clean_messages(  # pylint: disable=protected-access
-            messages, 'NFC', True, report.pii_replacements)
-        pair = dict(pair, prompt=cleaned[:-2], chosen=cleaned[-2]['content'],
-                    rejected=cleaned[-1]['content'])
-        if pair['chosen'] == pair['rejected']:
-          report.skip('identical_responses', where, 'identical after cleaning')
-          continue
-        text = json.dumps([pair['prompt'], pair['chosen'], pair['rejected']])
-        digest = dedup.normalized_hash(text)
-        if digest in seen:
-          report.skip('duplicate', where, f'duplicate of {seen[digest]}')
-          continue
-        seen[digest] = where
-        out[split].append(dict(pair, id=f'{doc_id}/{k}' if len(pairs) > 1 else doc_id,
-                               where=where))
+      seen[digest] = where
+      out[split].append(dict(pair, id=f'{doc_id}/{k}' if len(pairs) > 1 else doc_id,
+                             where=where))
   report.details['files'] = len(files)
   return out
 
@@ -215,17 +196,9 @@ def prepare(workdir: str, tokenizer_path: str, *, source: str = 'stdlib', paths:
   with open(tokenizer_path, 'rb') as f:
     tokenizer_bytes = f.read()
   settings = _settings(tokenizer_bytes, source, paths, seq_len, validation, test, tuple(kinds))
-  done = os.path.join(workdir, DONE)
-  if os.path.exists(done):
-    with open(done) as f:
-      built = json.load(f).get('settings', {})
-    changed = [f'{k}: {built.get(k)!r} -> {v!r}' for k, v in settings.items()
-               if built.get(k) != v]
-    if changed:
-      raise UserError(f'{workdir} holds preference data built with other settings '
-                      f'({"; ".join(changed)}); use another data.workdir or delete it.')
-    with open(os.path.join(workdir, REPORT)) as f:
-      return json.load(f)
+  built = instructions.finished_report(workdir, settings, 'preference data', REPORT)
+  if built is not None:
+    return built
 
   tokenizer = tokenizer_lib.Tokenizer.from_bytes(tokenizer_bytes, tokenizer_path)
   print(f'Building preference data ({source}) in {workdir} with {tokenizer_path}...', flush=True)
@@ -254,8 +227,7 @@ def prepare(workdir: str, tokenizer_path: str, *, source: str = 'stdlib', paths:
                                                      'margin', 'kind', 'function_name')}) + '\n')
   shutil.copyfile(tokenizer_path, os.path.join(workdir, TOKENIZER))
   report_lib.write(result, os.path.join(workdir, REPORT))
-  with open(done, 'w') as f:
-    json.dump({'finished': time.strftime('%Y-%m-%dT%H:%M:%S%z'), 'settings': settings}, f)
+  instructions.mark_finished(workdir, settings)
   print(f'Preference data: { {s: len(k) for s, k in rendered.items()} } pairs (report: '
         f'{os.path.join(workdir, REPORT)})', flush=True)
   return result

@@ -24,7 +24,6 @@ import hashlib
 import json
 import os
 import shutil
-import time
 from typing import Any
 
 from configs.cli import UserError
@@ -33,7 +32,7 @@ from data_pipeline import shards
 from data_pipeline import stdlib_instructions
 from data_pipeline import tokenizer as tokenizer_lib
 
-DONE = 'DONE'
+DONE = instructions.DONE
 TOKENIZER = 'tokenizer.model'
 SOURCES = ('stdlib', 'files')
 
@@ -71,17 +70,9 @@ def prepare(workdir: str, tokenizer_path: str, *, source: str = 'stdlib', paths:
   with open(tokenizer_path, 'rb') as f:
     tokenizer_bytes = f.read()
   settings = _settings(tokenizer_bytes, source, paths, seq_len, validation, test)
-  done = os.path.join(workdir, DONE)
-  if os.path.exists(done):
-    with open(done) as f:
-      built = json.load(f).get('settings', {})
-    changed = [f'{k}: {built.get(k)!r} -> {v!r}' for k, v in settings.items()
-               if built.get(k) != v]
-    if changed:
-      raise UserError(f'{workdir} holds SFT data built with other settings ({"; ".join(changed)})'
-                      '; use another data.workdir or delete it.')
-    with open(os.path.join(workdir, instructions.REPORT)) as f:
-      return json.load(f)
+  built = instructions.finished_report(workdir, settings, 'SFT data')
+  if built is not None:
+    return built
 
   tokenizer = tokenizer_lib.Tokenizer.from_bytes(tokenizer_bytes, tokenizer_path)
   print(f'Building SFT data ({source}) in {workdir} with {tokenizer_path}...', flush=True)
@@ -110,8 +101,7 @@ def prepare(workdir: str, tokenizer_path: str, *, source: str = 'stdlib', paths:
                             'function_name': r.get('function_name')}) + '\n')
   shutil.copyfile(tokenizer_path, os.path.join(workdir, TOKENIZER))
   instructions.write_report(report, workdir)
-  with open(done, 'w') as f:
-    json.dump({'finished': time.strftime('%Y-%m-%dT%H:%M:%S%z'), 'settings': settings}, f)
+  instructions.mark_finished(workdir, settings)
   counts = {split: len(r) for split, r in records.items()}
   print(f'SFT data: {counts} examples (report: {os.path.join(workdir, instructions.REPORT)})',
         flush=True)
