@@ -90,7 +90,7 @@ class LoopResult:
   state: Any
   step: int
   reason: str                      # 'completed' | 'end_of_data' | 'early_stopped' | 'preempted'
-  best_eval_loss: float | None
+  best_eval_loss: float | None     # the best value of the early-stopping metric (loss by default)
   last_checkpoint: int | None
   history: list[dict[str, Any]]   # the records written this run
 

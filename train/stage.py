@@ -352,9 +352,10 @@ def run(stage: Stage, config: ml_collections.ConfigDict, workdir: str) -> loop.L
     checkpointer.close()
 
 
-def summary(result: loop.LoopResult) -> str:
+def summary(result: loop.LoopResult, best_metric: str = 'loss') -> str:
+  """The run's end as one JSON line; the best value is named after the metric it is of."""
   return json.dumps({'step': result.step, 'reason': result.reason,
-                     'best_eval_loss': result.best_eval_loss,
+                     f'best_eval_{best_metric}': result.best_eval_loss,
                      'last_checkpoint': result.last_checkpoint})
 
 
@@ -379,7 +380,8 @@ def entry_point(train: Callable[[ml_collections.ConfigDict, str], loop.LoopResul
       result = train(flags.FLAGS.config, flags.FLAGS.workdir)
     except loop.NonFiniteLossError:
       raise SystemExit(1) from None
-    print(f'Training finished: {summary(result)}', flush=True)
+    print(f'Training finished: {summary(result, flags.FLAGS.config.get("best_metric", "loss"))}',
+          flush=True)
   return main
 
 
