@@ -150,3 +150,30 @@ def test_name_token_loss_reads_the_requested_name_in_the_reference_answer(stdlib
   assert result['name_tokens'] == len(name_nll)
   np.testing.assert_allclose(result['name_token_loss'], np.mean(name_nll), rtol=1e-4)
   np.testing.assert_allclose(result['other_answer_token_loss'], np.mean(other_nll), rtol=1e-4)
+
+
+class _Copier(nn.Module):
+  """An oracle that predicts token t + 1 as the token `period` places before it."""
+  config: ModelConfig
+  period: int
+
+  @nn.compact
+  def __call__(self, tokens):
+    length = tokens.shape[1]
+    source = jnp.arange(length) + 1 - self.period
+    guess = jnp.where(source >= 0, tokens[:, jnp.clip(source, 0, length - 1)], 0)
+    return 30.0 * jax.nn.one_hot(guess, self.config.vocab_size)
+
+
+def test_copy_probe_scores_the_first_occurrence_and_the_repeat(stdlib_tokenizer):
+  """A perfect copier is near 0 on the repeat and far above on the first occurrence."""
+  tok = stdlib_tokenizer
+  config = pretrain.get_config(f'tiny,model.vocab_size={tok.vocab_size},model.max_len=64')
+  mesh = mesh_lib.make_mesh(config.mesh)
+  cfg = ModelConfig.from_config(config.model)
+  copier = evaluate.copy_probe(config, _Copier(cfg, period=31), {}, tok, mesh, length=40)
+  assert copier['copy_length'] == 31  # (max_len - 1) // 2: BOS + 31 + 31 fit in 64
+  assert copier['copy_repeat_loss'] < 1e-6
+  assert copier['copy_first_loss'] > 20.0
+  off_by_one = evaluate.copy_probe(config, _Copier(cfg, period=30), {}, tok, mesh, length=40)
+  assert off_by_one['copy_repeat_loss'] > 20.0

@@ -19,6 +19,10 @@ segment). Those tokens are counted in `unpredicted_tokens`; `loss`,
 cuts they are slightly optimistic. `bits_per_byte_extrapolated` charges each
 unpredicted token the mean loss. Pass a longer `--seq_len` to avoid cuts.
 
+Every run also gets a copying probe (`copy_probe`): the loss on random tokens
+and on the same tokens repeated; a model with induction heads is near 0 on
+the repeat, one without scores both alike.
+
 `unigram_loss` is the baseline: the loss of token frequencies fitted on the
 train split (add-one smoothed), over the same split; a model that has learnt
 anything from context is well below it.
@@ -191,6 +195,45 @@ def _name_positions(tokenizer: Any, answer_ids: Sequence[int], name: str,
   return out
 
 
+def _token_nll_fn(config: Any, model: Any, mesh: jax.sharding.Mesh):
+  """jitted (params, tokens [B, L]) -> loss (nats) of each next token [B, L - 1]."""
+  rules = mesh_lib.logical_rules(config.mesh)
+
+  @jax.jit
+  def token_nll(params, tokens):
+    with steps_lib.sharding_context(mesh, rules):
+      logits = model.apply({'params': params}, tokens)
+    return -losses.token_log_probs(logits[:, :-1], tokens[:, 1:])
+
+  return token_nll
+
+
+def copy_probe(config: Any, model: Any, params: Any, tokenizer: Any, mesh: jax.sharding.Mesh,
+               *, length: int = 60, rows: int = 16, seed: int = 0) -> dict[str, Any]:
+  """Can the model copy? Its loss on random tokens, then on the same tokens repeated.
+
+  Each row is BOS, `length` ids drawn uniformly from the ordinary pieces,
+  then the same ids again. Nothing predicts the first occurrence (its loss
+  is about ln of the vocabulary or worse); a model with induction heads
+  predicts the repeat almost surely (near 0 nats). Equal losses mean the
+  model does not look back for what followed the current token last time,
+  which is what copying a name from a prompt needs.
+  """
+  length = min(length, (model.config.max_len - 1) // 2)
+  special = {tokenizer.pad_id, tokenizer.unk_id, tokenizer.bos_id, tokenizer.eos_id,
+             *tokenizer.control_ids.values()}
+  ordinary = np.array([i for i in range(tokenizer.vocab_size) if i not in special])
+  rng = np.random.default_rng(seed)
+  first = ordinary[rng.integers(0, len(ordinary), size=(rows, length))]
+  bos = np.full((rows, 1), max(tokenizer.bos_id, 0))
+  tokens = np.concatenate([bos, first, first], axis=1).astype(np.int32)
+  nll = np.asarray(jax.device_get(_token_nll_fn(config, model, mesh)(params, tokens)))
+  # Position t predicts token t + 1 (token 0 is BOS). Left out: each half's
+  # first token, which no look-back predicts (nothing before it recurs).
+  return {'copy_first_loss': float(nll[:, 1:length].mean()),
+          'copy_repeat_loss': float(nll[:, length + 1:].mean()), 'copy_length': length}
+
+
 def name_token_loss(config: Any, model: Any, params: Any, tokenizer: Any,
                     mesh: jax.sharding.Mesh, prompts: Sequence[dict[str, Any]],
                     batch_size: int = 16) -> dict[str, Any]:
@@ -215,14 +258,7 @@ def name_token_loss(config: Any, model: Any, params: Any, tokenizer: Any,
       rows.append((ids, len(prompt_ids), names))
   if not rows:
     return {'name_token_loss': None, 'name_tokens': 0, 'other_answer_token_loss': None}
-  rules = mesh_lib.logical_rules(config.mesh)
-
-  @jax.jit
-  def token_nll(params, tokens):
-    with steps_lib.sharding_context(mesh, rules):
-      logits = model.apply({'params': params}, tokens)
-    return -losses.token_log_probs(logits[:, :-1], tokens[:, 1:])
-
+  token_nll = _token_nll_fn(config, model, mesh)
   name_nll, other_nll = [], []
   length = model.config.max_len
   for first in range(0, len(rows), batch_size):
@@ -318,6 +354,7 @@ def main(argv: Sequence[str]) -> None:
                           seq_len=FLAGS.seq_len, batch_size=FLAGS.batch_size)
   result['step'] = int(config.checkpoint_step)
   result['data_dir'] = paths.resolve_str(data_dir)
+  result.update(copy_probe(config, model, params, tokenizer, mesh))
   if FLAGS.functional:
     if not config.get('chat', False):
       raise cli.UserError(f'--functional needs a chat-tuned run (SFT or later); {FLAGS.workdir} '
@@ -335,6 +372,9 @@ def main(argv: Sequence[str]) -> None:
     print(f'{result["unpredicted_tokens"]} tokens were not predicted (first token of a piece of a '
           f'document longer than seq_len={result["seq_len"]}); with them at the mean loss: '
           f'{result["bits_per_byte_extrapolated"]:.4f} bits/byte.')
+  print(f'copies a repeated random sequence: loss {result["copy_first_loss"]:.2f} nats on '
+        f'{result["copy_length"]} random tokens, {result["copy_repeat_loss"]:.2f} on the same '
+        f'tokens repeated (a model that copies: near 0)')
   if FLAGS.functional:
     print(f'functional, {result["num_prompts"]} held-out instructions: parse_rate '
           f'{result["parse_rate"]:.3f} | parse_and_name_rate {result["parse_and_name_rate"]:.3f}'
