@@ -151,6 +151,7 @@ def benchmark(config, num_steps: int, warmup: int, run=None, info=None) -> dict:
       'devices': f'{jax.device_count()} x {jax.devices()[0].device_kind}',
       'mesh': dict(mesh.shape),
       'xla_flags': os.environ.get('XLA_FLAGS', ''),
+      'glibc_tunables': os.environ.get('GLIBC_TUNABLES', ''),  # train/host_memory.py
   }
 
 
