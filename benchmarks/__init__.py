@@ -1,9 +1,7 @@
 """strata: benchmarks.
 
-`python -m benchmarks...` re-executes itself with huge pages on CPU-only hosts,
-as `python -m train...` does (train/host_memory.py).
+Importing `train` re-executes a `python -m benchmarks...` command with huge
+pages on CPU-only hosts, as it does `python -m train...` (train/host_memory.py).
 """
 
-from train import host_memory
-
-host_memory.reexec_with_huge_pages()
+import train  # noqa: F401  (for that side effect)
