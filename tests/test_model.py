@@ -353,3 +353,35 @@ def test_learns_to_copy_a_repeated_random_sequence():
   first, repeat = float(loss[:, :length // 2 - 1].mean()), float(loss[:, length // 2:].mean())
   assert first > np.log(vocab) - 0.1, first  # noise stays unpredictable
   assert repeat < 0.3, repeat
+
+
+@pytest.mark.parametrize('num_contract,dtype,preferred', [
+    (1, jnp.float32, None), (2, jnp.float32, None), (1, jnp.bfloat16, jnp.float32),
+])
+def test_matmul_gradients_equal_plain_autodiff(num_contract, dtype, preferred):
+  """`layers.matmul`'s CPU weight gradient (x transposed into memory first)
+  equals autodiff of the plain einsum, and the transpose is really a copy."""
+  from model import layers
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.standard_normal((3, 5, 4, 6)), dtype)
+  w_shape = (4, 6, 7) if num_contract == 2 else (6, 7)
+  w = jnp.asarray(rng.standard_normal(w_shape), dtype)
+  g = jnp.asarray(rng.standard_normal((3, 5, 4, 7) if num_contract == 1 else (3, 5, 7)),
+                  preferred or dtype)
+  spec = 'abcd,de->abce' if num_contract == 1 else 'abcd,cde->abe'
+
+  def vjp(f):
+    y, pullback = jax.vjp(f, x, w)
+    return (y, *pullback(g))
+
+  got = vjp(lambda x, w: layers.matmul(x, w, num_contract, preferred))
+  want = vjp(lambda x, w: jnp.einsum(spec, x, w, preferred_element_type=preferred))
+  for a, b in zip(got, want):
+    assert a.dtype == b.dtype and a.shape == b.shape
+    tol = 1e-2 if dtype == jnp.bfloat16 else 1e-5
+    np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32),
+                               rtol=tol, atol=tol)
+  jaxpr = str(jax.make_jaxpr(
+      lambda x, w: jax.grad(lambda w: layers.matmul(x, w, num_contract, preferred)
+                            .astype(jnp.float32).sum())(w))(x, w))
+  assert 'optimization_barrier' in jaxpr
