@@ -49,6 +49,7 @@ from jax.sharding import PartitionSpec as P
 
 from model.config import ModelConfig
 from model.layers import matmul
+from model.platform import context_mesh, mesh_platform
 from model.rope import apply_rope, scaling_of
 
 # Large but finite, so a row with every key masked gives a finite (uniform)
@@ -58,42 +59,9 @@ BTNH = ('activation_batch', 'activation_length', 'activation_heads', 'activation
 BSKH = ('activation_batch', 'activation_length', 'activation_kv_heads', 'activation_kv')
 CACHE_BKSH = ('activation_batch', 'activation_kv_heads', None, 'activation_kv')
 CACHE_BKHS = ('activation_batch', 'activation_kv_heads', 'activation_kv', None)
-GPU_PLATFORMS = ('gpu', 'cuda', 'rocm')
 SPLASH_BLOCK_SIZES = (512, 256, 128)  # tried largest first; must divide the length
 # Query block of 'block' attention (measured on XLA:CPU, see block_causal_attention).
 BLOCK_SIZE = 64
-
-
-# ---------------------------------------------------------------- the platform
-
-def context_mesh() -> jax.sharding.Mesh | jax.sharding.AbstractMesh | None:
-  """The mesh in context, None without one.
-
-  The abstract mesh (set by `jax.set_mesh` or `jax.sharding.use_abstract_mesh`;
-  it is what is visible inside jit) first, then the legacy `with mesh:`.
-  """
-  abstract = jax.sharding.get_abstract_mesh()
-  if not abstract.empty:
-    return abstract
-  try:  # `with mesh:` is deprecated but still common; it is not public API.
-    from jax._src import mesh as mesh_lib  # pylint: disable=g-import-not-at-top
-    legacy = mesh_lib.thread_resources.env.physical_mesh
-    if not legacy.empty:
-      return legacy
-  except (ImportError, AttributeError):
-    pass
-  return None
-
-
-def mesh_platform(mesh: jax.sharding.Mesh | jax.sharding.AbstractMesh | None) -> str:
-  """'tpu' | 'gpu' | 'cpu' | ... of the devices attention will run on."""
-  platform = None
-  if isinstance(mesh, jax.sharding.Mesh):
-    platform = mesh.devices.flat[0].platform
-  elif mesh is not None:
-    platform = getattr(getattr(mesh, 'abstract_device', None), 'platform', None)
-  platform = (platform or jax.default_backend()).lower()
-  return 'gpu' if platform in GPU_PLATFORMS else platform
 
 
 def splash_block_size(length: int) -> int | None:

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
 from model.config import ModelConfig
+from model.platform import current_platform
 
 BLD = ('activation_batch', 'activation_length', 'activation_embed')
 
@@ -33,7 +34,9 @@ def matmul(x: jax.Array, w: jax.Array, num_contract: int = 1,
   forward + backward, where the einsum's weight gradient contracts two axes),
   and on TPU/GPU the reshapes of leading (batch-major) and trailing
   (head-major) axes are free and keep their shardings. On CPU the weight
-  gradient is taken with `x` transposed first (`_dot_cpu`).
+  gradient is taken with `x` transposed first (`_dot_cpu`); the platform is
+  the mesh's in context (model/platform.py), so a TPU step compiled on a CPU
+  host keeps the plain gradient.
   """
   lead, contract = x.shape[:x.ndim - num_contract], x.shape[x.ndim - num_contract:]
   if tuple(w.shape[:num_contract]) != tuple(contract):
@@ -41,7 +44,7 @@ def matmul(x: jax.Array, w: jax.Array, num_contract: int = 1,
   out = w.shape[num_contract:]
   x_MK = x.reshape(math.prod(lead), math.prod(contract))
   w_KN = w.reshape(math.prod(contract), math.prod(out))
-  if jax.default_backend() == 'cpu':
+  if current_platform() == 'cpu':
     y_MN = _dot_cpu(x_MK, w_KN, preferred_element_type)
   else:
     y_MN = jnp.dot(x_MK, w_KN, preferred_element_type=preferred_element_type)
