@@ -22,8 +22,8 @@ Presets (`configs/pretrain.py:<preset>[,key=value,...]`):
   bench_cpu the benchmark shape of the issue: 6 layers, d 384, 6 heads, seq 256,
             batch 16, vocab 8192.
               python -m benchmarks.train_step --config=configs/pretrain.py:bench_cpu
-            Measured on the 2-core machine: ~3.0-3.1 s/step, ~118-122 GFLOP/s of
-            model FLOPs, MFU ~0.58 against the measured f32 matmul peak.
+            Measured on the 2-core machine (quiet, 2026-12-04): 2.7-2.9 s/step,
+            ~125 GFLOP/s of model FLOPs counted the peer's way.
   1b        Llama-3.2-1B-like shape (d 2048, 16 layers, 32q/8kv heads, mlp 8192,
             vocab 32000, seq 2048), bf16 compute, splash attention on TPU
             ('auto'), full remat, FSDP over every chip.
