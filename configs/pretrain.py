@@ -154,7 +154,7 @@ def tiny() -> ml_collections.ConfigDict:
                         mlp_dim=704, **_TIED)
   _set_seq_len(config, 256)
   # Sized for ~10 minutes on 2 free CPU cores: a step of 16 x 256 tokens costs
-  # ~2.6 CPU-seconds (benchmarks/train_step.py), i.e. ~1.3 s of wall time.
+  # ~2.3 CPU-seconds (benchmarks/train_step.py), i.e. ~1.2 s of wall time.
   config.batch_size = 16
   config.num_train_steps = 450
   config.eval_every = 150
