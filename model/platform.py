@@ -33,7 +33,7 @@ def context_mesh() -> jax.sharding.Mesh | jax.sharding.AbstractMesh | None:
 
 
 def mesh_platform(mesh: jax.sharding.Mesh | jax.sharding.AbstractMesh | None) -> str:
-  """'tpu' | 'gpu' | 'cpu' | ... of the devices attention will run on."""
+  """'tpu' | 'gpu' | 'cpu' | ... of the devices the model will run on."""
   platform = None
   if isinstance(mesh, jax.sharding.Mesh):
     platform = mesh.devices.flat[0].platform

@@ -14,6 +14,7 @@ import optax
 import pytest
 
 from model import attention
+from model import layers
 from model.config import ModelConfig, flops_per_token, num_params
 from model.transformer import Transformer, init_cache
 from train import losses
@@ -361,7 +362,6 @@ def test_learns_to_copy_a_repeated_random_sequence():
 def test_matmul_gradients_equal_plain_autodiff(num_contract, dtype, preferred):
   """`layers.matmul`'s CPU weight gradient (x transposed into memory first)
   equals autodiff of the plain einsum, and the transpose is really a copy."""
-  from model import layers
   rng = np.random.default_rng(0)
   x = jnp.asarray(rng.standard_normal((3, 5, 4, 6)), dtype)
   w_shape = (4, 6, 7) if num_contract == 2 else (6, 7)
