@@ -37,6 +37,13 @@ Presets (`configs/pretrain.py:<preset>[,key=value,...]`):
 embedded default (`data.preset='stdlib'`) and missing, training builds it first.
 The tokenizer's vocabulary must equal `model.vocab_size`.
 
+`data.copy_fraction` > 0 replaces that share of each train batch's rows by
+copy-task rows (random token ids x, then x again, the loss on the repeat
+only; data_pipeline/copy_task.py), to teach copying from the context early.
+Off in every preset: on `tiny` at 0.25 it lowered the real-data test loss
+(4.75 against 4.83-4.85) but taught no copying in 450 steps (README,
+"Preferences").
+
 Mesh: sizes of the ('data', 'fsdp', 'tensor') axes, one may be -1 (fills the
 devices); `mesh.rules_preset` names logical-axis rules in train/mesh.py
 ('fsdp_tp', 'fsdp', 'tp') unless `mesh.rules` lists them explicitly.
@@ -97,7 +104,13 @@ _TIED = dict(tie_embeddings=True, scale_embeddings=False, scale_tied_logits=Fals
 
 def _base() -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
-  config.data = ml_collections.ConfigDict(dict(workdir='runs/data', preset='stdlib'))
+  # copy_fraction: share of each train batch's rows replaced by copy-task rows
+  # (random ids x of copy_min_len..copy_max_len, then x again; the loss on the
+  # repeat only), which teaches copying from the context early
+  # (data_pipeline/copy_task.py). 0 = off; evaluation always reads real data.
+  config.data = ml_collections.ConfigDict(dict(workdir='runs/data', preset='stdlib',
+                                               copy_fraction=0.0, copy_min_len=8,
+                                               copy_max_len=64))
   config.model = _model()
   config.seq_len = 256
   config.batch_size = 32          # global, over all processes
@@ -267,6 +280,12 @@ RULES: tuple[v.Rule, ...] = (
     ('loss.z_loss', v.is_number(0.0), 'a number >= 0'),
 )
 
+COPY_RULES: tuple[v.Rule, ...] = (
+    ('data.copy_fraction', v.is_number(0.0, 1.0), 'a number in [0, 1]'),
+    ('data.copy_min_len', v.is_int(1), 'an int >= 1'),
+    ('data.copy_max_len', v.is_int(1), 'an int >= 1'),
+)
+
 
 def validate(config: ml_collections.ConfigDict) -> None:
   """Checks ranges and the combinations that would hang or silently misbehave."""
@@ -284,6 +303,11 @@ def validate(config: ml_collections.ConfigDict) -> None:
     raise UserError('config key num_train_steps=0 means "until the data ends", but '
                     'num_epochs is not set and the data repeats forever: set '
                     '--config.num_epochs=N, or num_train_steps > 0.')
+  if 'copy_fraction' in config.data:
+    v.check(config, COPY_RULES)
+    if config.data.copy_min_len > config.data.copy_max_len:
+      raise UserError(f'config key data.copy_min_len={config.data.copy_min_len} is more than '
+                      f'data.copy_max_len={config.data.copy_max_len}.')
   accum = config.optimizer.grad_accum_steps
   if config.batch_size % accum:
     raise UserError(f'config key batch_size={config.batch_size} is not a multiple of '

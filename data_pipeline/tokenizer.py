@@ -225,6 +225,11 @@ class Tokenizer:
         out[token] = i
     return out
 
+  def ordinary_ids(self) -> np.ndarray:
+    """Every id but pad, unk, bos, eos and the chat control tokens."""
+    special = {self.pad_id, self.unk_id, self.bos_id, self.eos_id, *self.control_ids.values()}
+    return np.array([i for i in range(self.vocab_size) if i not in special], np.int32)
+
   def id_to_piece(self, i: int) -> str:
     return self._sp.id_to_piece(int(i))
 

@@ -220,9 +220,7 @@ def copy_probe(config: Any, model: Any, params: Any, tokenizer: Any, mesh: jax.s
   which is what copying a name from a prompt needs.
   """
   length = min(length, (model.config.max_len - 1) // 2)
-  special = {tokenizer.pad_id, tokenizer.unk_id, tokenizer.bos_id, tokenizer.eos_id,
-             *tokenizer.control_ids.values()}
-  ordinary = np.array([i for i in range(tokenizer.vocab_size) if i not in special])
+  ordinary = tokenizer.ordinary_ids()
   rng = np.random.default_rng(seed)
   first = ordinary[rng.integers(0, len(ordinary), size=(rows, length))]
   bos = np.full((rows, 1), max(tokenizer.bos_id, 0))

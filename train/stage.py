@@ -41,7 +41,9 @@ import numpy as np
 
 from configs import cli
 from configs.cli import UserError
+from data_pipeline import copy_task
 from data_pipeline import loader as loader_lib
+from data_pipeline import tokenizer as tokenizer_lib
 from model import config as model_config_lib
 from model import transformer
 from train import checkpoint as checkpoint_lib
@@ -228,6 +230,21 @@ def state_from_run(config: ml_collections.ConfigDict, abstract: state_lib.TrainS
   return jax.jit(fresh, out_shardings=shardings)(params, rng)
 
 
+def with_copy_task(config: ml_collections.ConfigDict, loader: loader_lib.Loader,
+                   tokenizer_bytes: bytes | None) -> Any:
+  """The train loader, with copy-task rows mixed in when `data.copy_fraction` > 0."""
+  fraction = config.data.get('copy_fraction', 0.0)
+  if not fraction:
+    return loader
+  if tokenizer_bytes is None:
+    raise UserError(f'config key data.copy_fraction={fraction} draws token ids from the '
+                    f'data\'s tokenizer, but {config.data.workdir} has none.')
+  tokenizer = tokenizer_lib.Tokenizer.from_bytes(tokenizer_bytes)
+  task = copy_task.CopyTask(fraction, config.data.copy_min_len, config.data.copy_max_len,
+                            tokenizer.ordinary_ids())
+  return copy_task.Mixed(loader, task, config.seed, tokenizer.bos_id, tokenizer.eos_id)
+
+
 def run(stage: Stage, config: ml_collections.ConfigDict, workdir: str) -> loop.LoopResult:
   """Trains `stage` per `config` in `workdir`, resuming from its latest checkpoint."""
   stage.validate(config)
@@ -267,6 +284,7 @@ def run(stage: Stage, config: ml_collections.ConfigDict, workdir: str) -> loop.L
   train_loader = loader_lib.make_loader(
       data_dir, 'train', seq_len=config.seq_len, batch_size=config.batch_size, seed=config.seed,
       num_epochs=config.num_epochs, shuffle=True, sharding=batch_sharding)
+  train_loader = with_copy_task(config, train_loader, tokenizer[0])
   to_global = lambda batch: loader_lib.global_batch(batch, batch_sharding, config.batch_size)
   loop_cfg = loop.LoopConfig.from_config(config)
   # Batches in num_epochs passes over the data; None when num_epochs is None.
