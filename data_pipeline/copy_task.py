@@ -101,14 +101,13 @@ class Mixed:
   def __init__(self, loader: Any, task: CopyTask, seed: int, bos_id: int, eos_id: int):
     self._loader, self._task, self._seed = loader, task, seed
     self._bos, self._eos = bos_id, eos_id
-    self.num_batches = loader.num_batches
-    self.spec, self.rows = loader.spec, loader.rows
+    self.num_batches, self.rows = loader.num_batches, loader.rows
 
   def __iter__(self) -> Mixed:
     return self
 
   def __next__(self) -> dict[str, np.ndarray]:
-    step = self._loader.get_state()['step']
+    step = self._loader.step
     batch = next(self._loader)
     return mix(batch, step, self.rows, self._task, self._seed, self._bos, self._eos)
 

@@ -170,6 +170,11 @@ class Loader:
   def __iter__(self) -> Loader:
     return self
 
+  @property
+  def step(self) -> int:
+    """The number of the batch `next` yields."""
+    return self._step
+
   def __next__(self) -> dict[str, np.ndarray]:
     end = _NO_END if self.num_batches is None else self.num_batches
     if self._step >= end:

@@ -112,7 +112,6 @@ def test_the_mixed_loader_resumes_at_the_same_batch(tmp_path):
 
   first = make()
   batches = [next(first) for _ in range(6)]
-  state = None
   second = make()
   for _ in range(3):
     next(second)
