@@ -27,9 +27,11 @@ stored in the module or its config, so the model stays a pure function of its
 inputs. Asking explicitly for 'splash' or 'cudnn' on a platform without it is
 an error at trace time.
 
-The cudnn path has not been run on a GPU here (none was available): the
-segment mask reaches cuDNN as a [B, 1, T, T] bias, and whether a given cuDNN
-version takes that bias shape in the backward pass is unverified.
+The segment mask reaches cuDNN as a [B, 1, T, T] bias. Checked on one H200
+(jax 0.11.2, cuDNN 9.19, 2026-12-04; tests/test_attention.py, skipped off
+GPU): forward and backward with packed segments and padding equal the
+float32 reference within bfloat16 rounding, at lengths 128 and 200, and in
+the model the loss and gradients equal those of 'xla' in bfloat16.
 
 Letters: B batch, T query length, S key length, D d_model, N query heads,
 K key/value heads, G = N // K query heads per kv head, H head dim.

@@ -143,7 +143,7 @@ def test_platform_comes_from_the_mesh_in_context():
   assert attention.mesh_platform(None) == jax.default_backend()
   mesh = jax.make_mesh((1,), ('data',))
   with jax.set_mesh(mesh):
-    assert attention.mesh_platform(attention.context_mesh()) == 'cpu'
+    assert attention.mesh_platform(attention.context_mesh()) == jax.default_backend()
   # Inside jit the mesh is abstract and reports the platform of its devices,
   # e.g. a TPU topology lowered on a CPU host.
   from jax._src.mesh import AbstractDevice  # pylint: disable=g-import-not-at-top
@@ -240,3 +240,68 @@ def test_block_impl_in_the_model_equals_xla():
   apply = lambda impl: jax.jit(Transformer(
       dataclasses.replace(cfg, attention_impl=impl)).apply)(params, tokens, segments)
   np.testing.assert_allclose(apply('block'), apply('xla'), rtol=1e-5, atol=1e-5)
+
+
+# ---------------------------------------------- cuDNN (run only where a GPU is)
+
+_ON_GPU = pytest.mark.skipif(jax.default_backend() != 'gpu', reason='cuDNN attention needs a GPU')
+
+
+@_ON_GPU
+@pytest.mark.parametrize('length', [128, 200])   # 200: not a multiple of cuDNN's tiles
+def test_cudnn_equals_reference_packed_forward_and_backward(length):
+  """The fused kernel with the packing mask, against the float32 reference on the same inputs.
+
+  Its error must be of the size bfloat16 rounding gives: no larger than twice
+  that of the xla core run in bfloat16 on the same inputs (plus a small floor).
+  """
+  q, k, v = (x.astype(jnp.bfloat16) for x in _qkv(batch=2, length=length, heads=8, kv_heads=2,
+                                                  head_dim=64))
+  row0 = [1] * 50 + [2] * 40 + [3] + [4] * (length - 91 - 9) + [0] * 9
+  segments = jnp.array([row0, [1] * 77 + [2] * (length - 77)], jnp.int32)
+  weights = jnp.asarray(np.random.default_rng(1).standard_normal(q.shape), jnp.float32)
+  mask = attention.segment_causal_mask(segments)
+  cores = {
+      'cudnn': lambda q, k, v: attention.dot_product_attention(q, k, v, segments, 'cudnn'),
+      'xla_bf16': lambda q, k, v: attention.xla_attention(q, k, v, mask),
+      'ref_f32': lambda q, k, v: attention.xla_attention(
+          *(x.astype(jnp.float32) for x in (q, k, v)), mask),
+  }
+  loss = lambda f: lambda q, k, v: jnp.sum(f(q, k, v).astype(jnp.float32) * weights)
+  results = {}
+  for name, core in cores.items():
+    out = jax.jit(core)(q, k, v)
+    grads = jax.jit(jax.grad(loss(core), argnums=(0, 1, 2)))(q, k, v)
+    results[name] = [np.asarray(x, np.float32) for x in (out, *grads)]
+  for i, what in enumerate(('out', 'dq', 'dk', 'dv')):
+    ref = results['ref_f32'][i]
+    err = np.abs(results['cudnn'][i] - ref).max()
+    bf16_err = np.abs(results['xla_bf16'][i] - ref).max()
+    scale = np.abs(ref).max()
+    assert err <= 2 * bf16_err + 1e-3 * scale, (what, err, bf16_err, scale)
+
+
+@_ON_GPU
+def test_cudnn_in_the_model_equals_xla_in_bfloat16():
+  cfg = ModelConfig(vocab_size=256, d_model=128, num_layers=2, num_heads=4, num_kv_heads=2,
+                    head_dim=32, mlp_dim=256, max_len=128, dtype='bfloat16',
+                    attention_impl='xla')
+  tokens = jnp.asarray(np.random.default_rng(0).integers(0, 256, (2, 128)), jnp.int32)
+  segments = jnp.array([[1] * 60 + [2] * 60 + [0] * 8, [1] * 128], jnp.int32)
+  params = jax.jit(Transformer(cfg).init)(jax.random.key(0), tokens)
+
+  def loss(impl):
+    model = Transformer(dataclasses.replace(cfg, attention_impl=impl))
+
+    def f(params):
+      logits = model.apply(params, tokens, segments).astype(jnp.float32)
+      logp = jax.nn.log_softmax(logits[:, :-1])
+      picked = jnp.take_along_axis(logp, tokens[:, 1:, None], -1)[..., 0]
+      return -jnp.mean(picked)
+    return jax.jit(jax.value_and_grad(f))(params)
+
+  (cudnn_loss, cudnn_grads), (xla_loss, xla_grads) = loss('cudnn'), loss('xla')
+  np.testing.assert_allclose(cudnn_loss, xla_loss, rtol=1e-2)
+  for g, r in zip(jax.tree.leaves(cudnn_grads), jax.tree.leaves(xla_grads)):
+    g, r = np.asarray(g, np.float32), np.asarray(r, np.float32)
+    assert np.abs(g - r).max() <= 0.05 * np.abs(r).max() + 1e-6

@@ -279,6 +279,9 @@ def _strata_run(workdir: str, **model_changes) -> None:
   config.model.update(dict(vocab_size=VOCAB, d_model=32, num_layers=2, num_heads=4,
                            num_kv_heads=2, head_dim=8, mlp_dim=48, max_len=64, **model_changes))
   config.seq_len = 64
+  # No data of its own: the preset's relative 'runs/data' would find the demo's data
+  # (and its 8192-piece tokenizer) when the tests run in a checkout that made it.
+  config.data.workdir = os.path.join(workdir, 'no_data')
   cfg = ModelConfig.from_config(config.model)
   # numpy draws on the real init's shapes: compiling jax.random would cost more than the test.
   shapes = jax.eval_shape(Transformer(cfg).init, jax.random.key(0), jnp.zeros((1, 8), jnp.int32))

@@ -1,0 +1,78 @@
+#!/usr/bin/env bash
+# The GPU checks of the project in one run (about 7 minutes on one H200):
+#
+#   bash benchmarks/gpu_check.sh OUT_DIR
+#
+# 1. env.txt: the GPU, the driver and the Python packages in use.
+# 2. suite.log: the test suite on the GPU (pytest-xdist, SUITE_WORKERS
+#    processes, cut at SUITE_SECONDS; SUITE_TESTS picks the files). Float32 matmuls at 'highest' precision, since the tests compare
+#    float32 results to 1e-5 and XLA:GPU would otherwise use TF32. The cuDNN
+#    attention tests (tests/test_attention.py, skipped off GPU) run first.
+# 3. bf16_train.log: `tiny` trained in bfloat16 with attention_impl 'auto'
+#    (cuDNN), beside the suite, then evaluated on the test split: its
+#    validation losses are comparable with the float32 figures of the preset's
+#    docstring.
+# 4. bench.jsonl: `benchmarks.train_step` for the `1b` preset at batch
+#    BENCH_BATCH, once per line of BENCH_VARIANTS (extra config overrides),
+#    alone on the machine with 95% of its memory for JAX, each line a JSON report with its MFU against the
+#    GPU's dense bf16 peak (train/mfu.py).
+#
+# Runs from the repository root with the python3 on PATH; needs prepared data
+# at runs/data (python -m data_pipeline --config=configs/data.py:stdlib
+# --workdir=runs/data) for step 3.
+set -u
+out=${1:?usage: bash benchmarks/gpu_check.sh OUT_DIR}
+mkdir -p "$out"
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+export PYTHONUNBUFFERED=1
+export XLA_PYTHON_CLIENT_PREALLOCATE=false   # the suite and training share the GPU
+SUITE_WORKERS=${SUITE_WORKERS:-8}
+SUITE_SECONDS=${SUITE_SECONDS:-200}
+SUITE_TESTS=${SUITE_TESTS:-tests}
+BENCH_BATCH=${BENCH_BATCH:-16}
+BENCH_VARIANTS=${BENCH_VARIANTS:-"
+--config.model.remat_policy=none
+--config.model.remat_policy=full"}
+start=$SECONDS
+
+{
+  date -u; nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv
+  python3 -c 'import sys, jax, jaxlib, flax, optax, orbax.checkpoint as oc; print(sys.version);
+print("jax", jax.__version__, "jaxlib", jaxlib.__version__, "flax", flax.__version__,
+      "optax", optax.__version__, "orbax", oc.__version__); print(jax.devices())'
+  python3 -m pip list 2>/dev/null | grep -iE '^(nvidia-cudnn|jax|torch |transformers|grain|pytest)'
+} > "$out/env.txt" 2>&1
+
+# 2 + 3: the suite (cuDNN tests first, alone) with the bf16 run beside it.
+(
+  JAX_DEFAULT_MATMUL_PRECISION=highest timeout 120 python3 -m pytest -q -p no:cacheprovider \
+    tests/test_attention.py -k cudnn -rA 2>&1
+  echo "== cudnn tests exit $?"
+  JAX_DEFAULT_MATMUL_PRECISION=highest timeout "$SUITE_SECONDS" python3 -m pytest -v \
+    -p no:cacheprovider -n "$SUITE_WORKERS" --timeout=240 -rfE $SUITE_TESTS 2>&1
+  echo "== suite exit $? (124: cut at ${SUITE_SECONDS}s)"
+) > "$out/suite.log" &
+suite=$!
+(
+  run=$(mktemp -d)/bf16
+  timeout 400 python3 -m train --config=configs/pretrain.py:tiny --workdir="$run" \
+    --config.model.dtype=bfloat16 --config.model.attention_impl=auto 2>&1
+  echo "== train exit $?"
+  timeout 120 python3 -m train.evaluate --workdir="$run" --split=test 2>&1
+  echo "== evaluate exit $?"
+) > "$out/bf16_train.log" &
+train=$!
+wait $suite $train
+echo "suite + bf16 training: $((SECONDS - start)) s" >> "$out/env.txt"
+
+# 4: the 1b train step, alone.
+: > "$out/bench.jsonl"
+while read -r variant; do
+  [ -z "$variant" ] && continue
+  # shellcheck disable=SC2086
+  XLA_PYTHON_CLIENT_MEM_FRACTION=0.95 timeout 240 python3 -m benchmarks.train_step --config=configs/pretrain.py:1b \
+    --config.batch_size="$BENCH_BATCH" $variant --steps=5 --warmup=2 \
+    >> "$out/bench.jsonl" 2>> "$out/bench_err.log" \
+    || echo "{\"variant\": \"$variant\", \"failed\": $?}" >> "$out/bench.jsonl"
+done <<< "$BENCH_VARIANTS"
+echo "total: $((SECONDS - start)) s" >> "$out/env.txt"
