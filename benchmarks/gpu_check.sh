@@ -14,8 +14,11 @@
 #    docstring.
 # 4. bench.jsonl: `benchmarks.train_step` for the `1b` preset at batch
 #    BENCH_BATCH, once per line of BENCH_VARIANTS (extra config overrides),
-#    alone on the machine with 95% of its memory for JAX, each line a JSON report with its MFU against the
-#    GPU's dense bf16 peak (train/mfu.py).
+#    alone on the machine with 95% of its memory for JAX, each line a JSON
+#    report with its MFU against the GPU's dense bf16 peak (train/mfu.py) and
+#    a profile of BENCH_PROFILE_STEPS more steps: the device's op time by
+#    category (matmul, attention, fusion, ...) and the top ops
+#    (benchmarks/profile.py).
 #
 # Runs from the repository root with the python3 on PATH; needs prepared data
 # at runs/data (python -m data_pipeline --config=configs/data.py:stdlib
@@ -30,6 +33,7 @@ SUITE_WORKERS=${SUITE_WORKERS:-8}
 SUITE_SECONDS=${SUITE_SECONDS:-200}
 SUITE_TESTS=${SUITE_TESTS:-tests}
 BENCH_BATCH=${BENCH_BATCH:-16}
+BENCH_PROFILE_STEPS=${BENCH_PROFILE_STEPS:-2}
 BENCH_VARIANTS=${BENCH_VARIANTS:-"
 --config.model.remat_policy=none
 --config.model.remat_policy=full"}
@@ -70,8 +74,10 @@ echo "suite + bf16 training: $((SECONDS - start)) s" >> "$out/env.txt"
 while read -r variant; do
   [ -z "$variant" ] && continue
   # shellcheck disable=SC2086
-  XLA_PYTHON_CLIENT_MEM_FRACTION=0.95 timeout 240 python3 -m benchmarks.train_step --config=configs/pretrain.py:1b \
+  XLA_PYTHON_CLIENT_MEM_FRACTION=0.95 timeout 240 python3 -m benchmarks.train_step \
+    --config=configs/pretrain.py:1b \
     --config.batch_size="$BENCH_BATCH" $variant --steps=5 --warmup=2 \
+    --profile_steps="$BENCH_PROFILE_STEPS" \
     >> "$out/bench.jsonl" 2>> "$out/bench_err.log" \
     || echo "{\"variant\": \"$variant\", \"failed\": $?}" >> "$out/bench.jsonl"
 done <<< "$BENCH_VARIANTS"

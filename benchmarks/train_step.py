@@ -3,12 +3,17 @@
   python -m benchmarks.train_step --config=configs/pretrain.py:tiny
   python -m benchmarks.train_step --config=configs/pretrain.py:bench_cpu --steps=20
   python -m benchmarks.train_step --config=configs/pretrain.py:bench_cpu --peer
+  python -m benchmarks.train_step --config=configs/pretrain.py:bench_cpu --profile_steps=2
 
 Prints one JSON object: step time (median of --steps timed steps after
 compilation and --warmup steps), tokens/s, model FLOPs per token
 (`model.config.flops_per_token`: 6N + attention), achieved model FLOP/s, and
 MFU against the peak (`train.mfu`: the vendor table on TPU/GPU, a measured
 float32 matmul on CPU). No dataset is needed.
+
+`--profile_steps=N` also traces N steps with `jax.profiler` and adds where
+their time went, per category of XLA op and the top ops (benchmarks/profile.py);
+`--profile_dir` keeps the trace for TensorBoard / Perfetto.
 
 `--peer` (CPU, needs torch importable) also runs the nanoGPT-style PyTorch
 peer (`--peer_script`, default ../shared/peers/nanogpt_cpu.py next to the
@@ -29,6 +34,7 @@ import re
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 
 from absl import flags
@@ -36,6 +42,7 @@ import jax
 import numpy as np
 from ml_collections import config_flags
 
+from benchmarks import profile as profile_lib
 from configs import cli
 from model.config import ModelConfig, flops_per_token, num_params
 from model.transformer import Transformer
@@ -52,6 +59,10 @@ _WARMUP = flags.DEFINE_integer('warmup', 2, 'Untimed steps after compilation.')
 _PEER = flags.DEFINE_bool('peer', False, 'Alternate with the PyTorch nanoGPT peer and report '
                           'the median FLOP/s ratio (needs torch).')
 _PEER_ROUNDS = flags.DEFINE_integer('peer_rounds', 3, 'Alternating rounds with --peer.')
+_PROFILE_STEPS = flags.DEFINE_integer('profile_steps', 0, 'Steps to trace with jax.profiler '
+                                      'after the timed ones (0: none).')
+_PROFILE_DIR = flags.DEFINE_string('profile_dir', None, 'Where to keep the trace (default: a '
+                                   'temporary folder, removed).')
 _PEER_SCRIPT = flags.DEFINE_string(
     'peer_script', os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                                 '..', 'shared', 'peers', 'nanogpt_cpu.py'),
@@ -106,10 +117,22 @@ def compiled_step(config):
       times.append(time.perf_counter() - start)
     return times
 
-  return run, {'model_cfg': model_cfg, 'mesh': mesh, 'compile_s': compile_s, 'holder': holder}
+  return run, {'model_cfg': model_cfg, 'mesh': mesh, 'compile_s': compile_s, 'holder': holder,
+               'hlo': compiled.as_text}
 
 
-def benchmark(config, num_steps: int, warmup: int, run=None, info=None) -> dict:
+def profile(run, info, num_steps: int, trace_dir: str | None = None) -> dict:
+  """Traces `num_steps` steps; their op time by category and the top ops (benchmarks/profile.py)."""
+  with tempfile.TemporaryDirectory() as scratch:
+    trace_dir = trace_dir or scratch
+    with jax.profiler.trace(trace_dir):
+      run(num_steps)
+    events = list(profile_lib.trace_events(trace_dir, 'jit_train_step'))
+  return profile_lib.summarize(events, profile_lib.hlo_ops(info['hlo']()), num_steps)
+
+
+def benchmark(config, num_steps: int, warmup: int, run=None, info=None,
+              profile_steps: int = 0, profile_dir: str | None = None) -> dict:
   if run is None:
     run, info = compiled_step(config)
   model_cfg, mesh = info['model_cfg'], info['mesh']
@@ -125,7 +148,7 @@ def benchmark(config, num_steps: int, warmup: int, run=None, info=None) -> dict:
   model_flops = flops_per_token(model_cfg, config.seq_len)
   achieved = model_flops * tokens_per_sec
   peak, peak_source = mfu_lib.peak_flops(mesh.devices.flat)
-  return {
+  report = {
       'preset': config.get('preset', None),
       'params': num_params(model_cfg),
       'batch_size': config.batch_size,
@@ -153,6 +176,9 @@ def benchmark(config, num_steps: int, warmup: int, run=None, info=None) -> dict:
       'xla_flags': os.environ.get('XLA_FLAGS', ''),
       'glibc_tunables': os.environ.get('GLIBC_TUNABLES', ''),  # train/host_memory.py
   }
+  if profile_steps:
+    report['profile'] = profile(run, info, profile_steps, profile_dir)
+  return report
 
 
 def peer_command(config, script: str, num_steps: int) -> list[str]:
@@ -208,7 +234,8 @@ def main(argv):
     report = benchmark_with_peer(_CONFIG.value, _STEPS.value, _WARMUP.value, _PEER_ROUNDS.value,
                                  _PEER_SCRIPT.value)
   else:
-    report = benchmark(_CONFIG.value, _STEPS.value, _WARMUP.value)
+    report = benchmark(_CONFIG.value, _STEPS.value, _WARMUP.value,
+                       profile_steps=_PROFILE_STEPS.value, profile_dir=_PROFILE_DIR.value)
   print(json.dumps(report))
 
 
