@@ -19,6 +19,9 @@
 #    a profile of BENCH_PROFILE_STEPS more steps: the device's op time by
 #    category (matmul, attention, fusion, ...) and the top ops
 #    (benchmarks/profile.py).
+# 5. attention.json: one layer's attention forward + backward at that shape
+#    with 'xla', 'cudnn' (the packing mask as a bias) and 'cudnn_causal' (no
+#    mask) (benchmarks/attention.py).
 #
 # Runs from the repository root with the python3 on PATH; needs prepared data
 # at runs/data (python -m data_pipeline --config=configs/data.py:stdlib
@@ -81,4 +84,9 @@ while read -r variant; do
     >> "$out/bench.jsonl" 2>> "$out/bench_err.log" \
     || echo "{\"variant\": \"$variant\", \"failed\": $?}" >> "$out/bench.jsonl"
 done <<< "$BENCH_VARIANTS"
+
+# 5: one layer's attention at the 1b shape: the packing mask's price in cuDNN.
+timeout 120 python3 -m benchmarks.attention --impls=xla,cudnn,cudnn_causal --dtype=bfloat16 \
+  --batch="$BENCH_BATCH" --length=2048 --heads=32 --kv_heads=8 --head_dim=64 \
+  > "$out/attention.json" 2>> "$out/bench_err.log"
 echo "total: $((SECONDS - start)) s" >> "$out/env.txt"

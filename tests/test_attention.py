@@ -305,3 +305,20 @@ def test_cudnn_in_the_model_equals_xla_in_bfloat16():
   for g, r in zip(jax.tree.leaves(cudnn_grads), jax.tree.leaves(xla_grads)):
     g, r = np.asarray(g, np.float32), np.asarray(r, np.float32)
     assert np.abs(g - r).max() <= 0.05 * np.abs(r).max() + 1e-6
+
+
+def test_attention_benchmark_times_each_core_against_xla():
+  from benchmarks import attention as bench  # pylint: disable=g-import-not-at-top
+  from configs.cli import UserError  # pylint: disable=g-import-not-at-top
+  segments = bench.packed_segments(2, 40)
+  assert (segments[:, :23] == 1).all() and (segments[:, 23:] == 2).all()
+  report = bench.benchmark(['xla', 'block'], batch=2, length=40, heads=4, kv_heads=2, head_dim=8,
+                           dtype='float32', repeats=1)
+  assert set(report['cores']) == {'xla', 'block'}
+  assert report['cores']['xla']['max_abs_diff_from_xla'] == 0.0
+  assert report['cores']['block']['max_abs_diff_from_xla'] < 1e-5
+  assert report['causal_flops'] == 3 * 2 * 2 * 4 * 40 * 40 * 8
+  assert all(c['seconds'] > 0 for c in report['cores'].values())
+  if jax.default_backend() != 'gpu':
+    with pytest.raises(UserError, match='needs GPU'):
+      bench.benchmark(['cudnn'], 2, 40, 4, 2, 8, 'bfloat16', 1)
