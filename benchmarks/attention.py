@@ -9,16 +9,21 @@ the packing mask matters. 'cudnn_causal' is the fused kernel with the causal
 mask alone, which is right only for rows of one document: beside 'cudnn' it
 prices the packing mask, which reaches cuDNN as a [B, 1, T, T] bias whose
 gradient cuDNN also computes (model/attention.py). Its error against 'xla'
-is large here by construction.
+is large here by construction. 'cudnn_nodbias' is 'cudnn' with that bias
+gradient switched off (jax's private `should_export_dbias` answered False
+while the call is traced): an experiment, not a model option, until a GPU
+run shows it is right (its errors below) and faster.
 
 Prints one JSON object: per core, the median seconds of `--repeats` jitted
 forward + backward calls after a compiling one, the FLOP/s of that time with
 attention's causal FLOPs (forward 2·B·N·T²·H, backward twice that), and the
-largest difference of its output from the 'xla' core's.
+largest differences of its output and of its dq, dk, dv from the 'xla'
+core's.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import statistics
 import time
@@ -34,7 +39,7 @@ from model import attention
 from train import console
 
 _IMPLS = flags.DEFINE_list('impls', ['xla', 'block'], "Cores: 'xla', 'block', 'cudnn', "
-                           "'cudnn_causal' (GPU).")
+                           "'cudnn_causal', 'cudnn_nodbias' (GPU).")
 _BATCH = flags.DEFINE_integer('batch', 16, 'Rows.')
 _LENGTH = flags.DEFINE_integer('length', 256, 'Tokens per row.')
 _HEADS = flags.DEFINE_integer('heads', 6, 'Query heads.')
@@ -52,6 +57,21 @@ def packed_segments(batch: int, length: int) -> np.ndarray:
   return np.broadcast_to(row, (batch, length)).copy()
 
 
+@contextlib.contextmanager
+def _no_bias_gradient():
+  """While tracing: jax asks cuDNN for no gradient of the (mask's) bias."""
+  from jax._src.cudnn import fused_attention_stablehlo as cudnn_attention  # pylint: disable=g-import-not-at-top
+  if not hasattr(cudnn_attention, 'should_export_dbias'):
+    raise UserError('--impls=cudnn_nodbias: this jax has no '
+                    'fused_attention_stablehlo.should_export_dbias to switch off.')
+  saved = cudnn_attention.should_export_dbias
+  cudnn_attention.should_export_dbias = lambda *args: False
+  try:
+    yield
+  finally:
+    cudnn_attention.should_export_dbias = saved
+
+
 def core(impl: str, segment_ids):
   """(q, k, v) -> output of the named core, with the packing mask of `segment_ids`."""
   if impl == 'xla':
@@ -59,17 +79,22 @@ def core(impl: str, segment_ids):
     return lambda q, k, v: attention.xla_attention(q, k, v, mask)
   if impl == 'block':
     return lambda q, k, v: attention.block_causal_attention(q, k, v, segment_ids)
-  if impl in ('cudnn', 'cudnn_causal'):
+  if impl in ('cudnn', 'cudnn_causal', 'cudnn_nodbias'):
     try:
       attention.select_impl('cudnn', jax.default_backend(), segment_ids.shape[1], jnp.bfloat16)
     except ValueError as e:
       raise UserError(f'--impls={impl}: {e}') from None
     if impl == 'cudnn':
       return lambda q, k, v: attention.dot_product_attention(q, k, v, segment_ids, 'cudnn')
+    if impl == 'cudnn_nodbias':
+      def nodbias(q, k, v):
+        with _no_bias_gradient():
+          return attention.dot_product_attention(q, k, v, segment_ids, 'cudnn')
+      return nodbias
     return lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=True,
                                                         implementation='cudnn')
-  raise UserError(f"--impls: unknown core {impl!r}; use 'xla', 'block', 'cudnn' or "
-                   "'cudnn_causal'.")
+  raise UserError(f"--impls: unknown core {impl!r}; use 'xla', 'block', 'cudnn', "
+                  "'cudnn_causal' or 'cudnn_nodbias'.")
 
 
 def benchmark(impls, batch: int, length: int, heads: int, kv_heads: int, head_dim: int,
@@ -94,15 +119,17 @@ def benchmark(impls, batch: int, length: int, heads: int, kv_heads: int, head_di
     times = []
     for _ in range(repeats):
       start = time.perf_counter()
-      (_, out), _ = jax.block_until_ready(step(q, k, v))
+      (_, out), grads = jax.block_until_ready(step(q, k, v))
       times.append(time.perf_counter() - start)
-    out = np.asarray(out, np.float32)
+    values = [np.asarray(x, np.float32) for x in (out, *grads)]
     if impl == 'xla':
-      reference = out
+      reference = values
     if impl in impls:
       seconds = statistics.median(times)
+      diffs = [float(np.abs(a - b).max()) for a, b in zip(values, reference)]
       results[impl] = {'seconds': seconds, 'flops_per_sec': flops / seconds,
-                       'max_abs_diff_from_xla': float(np.abs(out - reference).max())}
+                       'max_abs_diff_from_xla': diffs[0],
+                       'max_abs_grad_diff_from_xla': dict(zip(('dq', 'dk', 'dv'), diffs[1:]))}
   return {'shape': dict(batch=batch, length=length, heads=heads, kv_heads=kv_heads,
                         head_dim=head_dim, dtype=dtype),
           'device': jax.devices()[0].device_kind, 'causal_flops': flops, 'cores': results}

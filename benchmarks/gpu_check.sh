@@ -20,8 +20,9 @@
 #    category (matmul, attention, fusion, ...) and the top ops
 #    (benchmarks/profile.py).
 # 5. attention.json: one layer's attention forward + backward at that shape
-#    with 'xla', 'cudnn' (the packing mask as a bias) and 'cudnn_causal' (no
-#    mask) (benchmarks/attention.py).
+#    with 'xla', 'cudnn' (the packing mask as a bias), 'cudnn_causal' (no
+#    mask) and 'cudnn_nodbias' (the mask, without its gradient)
+#    (benchmarks/attention.py).
 #
 # Runs from the repository root with the python3 on PATH; needs prepared data
 # at runs/data (python -m data_pipeline --config=configs/data.py:stdlib
@@ -92,7 +93,7 @@ while read -r variant; do
 done <<< "$BENCH_VARIANTS"
 
 # 5: one layer's attention at the 1b shape: the packing mask's price in cuDNN.
-timeout 120 python3 -m benchmarks.attention --impls=xla,cudnn,cudnn_causal --dtype=bfloat16 \
+timeout 120 python3 -m benchmarks.attention --impls=xla,cudnn,cudnn_causal,cudnn_nodbias --dtype=bfloat16 \
   --batch="$BENCH_BATCH" --length=2048 --heads=32 --kv_heads=8 --head_dim=64 \
   > "$out/attention.json" 2>> "$out/bench_err.log"
 echo "total: $((SECONDS - start)) s" >> "$out/env.txt"

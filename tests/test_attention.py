@@ -317,6 +317,8 @@ def test_attention_benchmark_times_each_core_against_xla():
   assert set(report['cores']) == {'xla', 'block'}
   assert report['cores']['xla']['max_abs_diff_from_xla'] == 0.0
   assert report['cores']['block']['max_abs_diff_from_xla'] < 1e-5
+  assert max(report['cores']['block']['max_abs_grad_diff_from_xla'].values()) < 1e-4
+  assert set(report['cores']['xla']['max_abs_grad_diff_from_xla']) == {'dq', 'dk', 'dv'}
   assert report['causal_flops'] == 3 * 2 * 2 * 4 * 40 * 40 * 8
   assert all(c['seconds'] > 0 for c in report['cores'].values())
   if jax.default_backend() != 'gpu':
