@@ -57,8 +57,20 @@ print("jax", jax.__version__, "jaxlib", jaxlib.__version__, "flax", flax.__versi
   python3 -m pip list 2>/dev/null | grep -iE '^(nvidia-cudnn|jax|torch |transformers|grain|pytest)'
 } > "$out/env.txt" 2>&1
 
+# Bitwise resumes (tests/test_loop.py, test_lora.py) need deterministic GPU
+# reductions (the embedding gradient is a scatter-add); the suite gets the
+# flag where this XLA knows it.
+deterministic=--xla_gpu_deterministic_ops=true
+if ! XLA_FLAGS=$deterministic python3 -c 'import jax; jax.numpy.zeros(1).block_until_ready()' \
+    > /dev/null 2>&1; then
+  deterministic=
+fi
+echo "suite XLA_FLAGS: ${deterministic:-none}" >> "$out/env.txt"
+
 # 2 + 3: the suite (cuDNN tests first, alone) with the bf16 run beside it.
 (
+  export XLA_FLAGS="${XLA_FLAGS:-} $deterministic"
+
   JAX_DEFAULT_MATMUL_PRECISION=highest timeout 120 python3 -m pytest -q -p no:cacheprovider \
     tests/test_attention.py -k cudnn -rA 2>&1
   echo "== cudnn tests exit $?"
