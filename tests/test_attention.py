@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import os
 import subprocess
 import sys
@@ -308,12 +309,14 @@ def test_cudnn_in_the_model_equals_xla_in_bfloat16():
 
 
 def test_attention_benchmark_times_each_core_against_xla():
-  from benchmarks import attention as bench  # pylint: disable=g-import-not-at-top
-  from configs.cli import UserError  # pylint: disable=g-import-not-at-top
-  segments = bench.packed_segments(2, 40)
-  assert (segments[:, :23] == 1).all() and (segments[:, 23:] == 2).all()
-  report = bench.benchmark(['xla', 'block'], batch=2, length=40, heads=4, kv_heads=2, head_dim=8,
-                           dtype='float32', repeats=1)
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  command = [sys.executable, '-m', 'benchmarks.attention', '--batch=2', '--length=40',
+             '--heads=4', '--kv_heads=2', '--head_dim=8', '--repeats=1']
+  run = lambda *args: subprocess.run(command + list(args), cwd=root, capture_output=True,
+                                     text=True, timeout=300, check=False)
+  result = run('--impls=xla,block')
+  assert result.returncode == 0, result.stderr[-3000:]
+  report = json.loads(result.stdout.strip().splitlines()[-1])
   assert set(report['cores']) == {'xla', 'block'}
   assert report['cores']['xla']['max_abs_diff_from_xla'] == 0.0
   assert report['cores']['block']['max_abs_diff_from_xla'] < 1e-5
@@ -321,6 +324,17 @@ def test_attention_benchmark_times_each_core_against_xla():
   assert set(report['cores']['xla']['max_abs_grad_diff_from_xla']) == {'dq', 'dk', 'dv'}
   assert report['causal_flops'] == 3 * 2 * 2 * 4 * 40 * 40 * 8
   assert all(c['seconds'] > 0 for c in report['cores'].values())
-  if jax.default_backend() != 'gpu':
-    with pytest.raises(UserError, match='needs GPU'):
-      bench.benchmark(['cudnn'], 2, 40, 4, 2, 8, 'bfloat16', 1)
+  if jax.default_backend() != 'gpu':   # one line, no traceback
+    result = run('--impls=cudnn', '--dtype=bfloat16')
+    assert result.returncode == 2 and 'needs GPU' in result.stderr, result.stderr[-3000:]
+    assert 'Traceback' not in result.stderr
+
+
+def test_packed_segments_of_the_attention_benchmark():
+  # benchmarks.attention defines absl flags on import: read its helper in a subprocess.
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  code = ('from benchmarks import attention; s = attention.packed_segments(2, 40); '
+          'print(s.shape, (s[:, :23] == 1).all(), (s[:, 23:] == 2).all())')
+  result = subprocess.run([sys.executable, '-c', code], cwd=root, capture_output=True,
+                          text=True, timeout=300, check=False)
+  assert result.stdout.split() == ['(2,', '40)', 'True', 'True'], result.stderr[-3000:]

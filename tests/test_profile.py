@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+
 import pytest
 
 from benchmarks import profile
-from benchmarks import train_step
-from configs import pretrain
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # A hand-written module in the form `compiled.as_text()` prints (names with and
 # without '%', nested fusions, a GPU-style library call, a scan's while loop).
@@ -87,8 +92,14 @@ def test_summary_divides_by_steps_and_leaves_loops_out():
 
 
 def test_a_real_step_profile_accounts_for_its_ops():
-  config = pretrain.get_config('tiny,model.num_layers=1,batch_size=2,seq_len=64,model.max_len=64')
-  report = train_step.benchmark(config, num_steps=1, warmup=0, profile_steps=2)
+  # A subprocess, as users run it (the benchmark's absl flags stay out of this process).
+  result = subprocess.run(
+      [sys.executable, '-m', 'benchmarks.train_step',
+       '--config=configs/pretrain.py:tiny,model.num_layers=1,batch_size=2,seq_len=64,'
+       'model.max_len=64', '--steps=1', '--warmup=0', '--profile_steps=2'],
+      cwd=ROOT, capture_output=True, text=True, timeout=600, check=False)
+  assert result.returncode == 0, result.stderr[-3000:]
+  report = json.loads(result.stdout.strip().splitlines()[-1])
   summary = report['profile']
   assert summary['steps'] == 2
   total = sum(v['seconds_per_step'] for v in summary['by_category'].values())
