@@ -26,7 +26,9 @@ Presets (`configs/pretrain.py:<preset>[,key=value,...]`):
             ~125 GFLOP/s of model FLOPs counted the peer's way.
   1b        Llama-3.2-1B-like shape (d 2048, 16 layers, 32q/8kv heads, mlp 8192,
             vocab 32000, seq 2048), bf16 compute, splash attention on TPU
-            ('auto'), full remat, FSDP over every chip.
+            ('auto'), full remat, FSDP over every chip. On one H200
+            (2026-12-04, batch 16): 0.552 s/step, MFU 0.42; without remat
+            0.529 s, MFU 0.44 (README, "On one GPU").
   7b        the LLaMA-2 7B shape (d 4096, 32 layers, 32 heads, mlp 11008,
             vocab 32000, seq 4096; 6.74e9 params), bf16, full remat, FSDP.
             Both are for TPU pod slices, e.g.
