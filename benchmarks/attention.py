@@ -72,7 +72,7 @@ def _no_bias_gradient():
     cudnn_attention.should_export_dbias = saved
 
 
-def core(impl: str, segment_ids):
+def core(impl: str, segment_ids, dtype: str = 'float32'):
   """(q, k, v) -> output of the named core, with the packing mask of `segment_ids`."""
   if impl == 'xla':
     mask = attention.segment_causal_mask(segment_ids)
@@ -81,7 +81,7 @@ def core(impl: str, segment_ids):
     return lambda q, k, v: attention.block_causal_attention(q, k, v, segment_ids)
   if impl in ('cudnn', 'cudnn_causal', 'cudnn_nodbias'):
     try:
-      attention.select_impl('cudnn', jax.default_backend(), segment_ids.shape[1], jnp.bfloat16)
+      attention.select_impl('cudnn', jax.default_backend(), segment_ids.shape[1], dtype)
     except ValueError as e:
       raise UserError(f'--impls={impl}: {e}') from None
     if impl == 'cudnn':
@@ -100,7 +100,7 @@ def core(impl: str, segment_ids):
 def benchmark(impls, batch: int, length: int, heads: int, kv_heads: int, head_dim: int,
               dtype: str, repeats: int) -> dict:
   segment_ids = jnp.asarray(packed_segments(batch, length))
-  cores = {impl: core(impl, segment_ids) for impl in ['xla'] + [i for i in impls if i != 'xla']}
+  cores = {impl: core(impl, segment_ids, dtype) for impl in ['xla'] + [i for i in impls if i != 'xla']}
   rng = np.random.default_rng(0)
   draw = lambda n: jnp.asarray(rng.standard_normal((batch, length, n, head_dim)), dtype)
   q, k, v = draw(heads), draw(kv_heads), draw(kv_heads)
