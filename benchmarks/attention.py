@@ -100,7 +100,8 @@ def core(impl: str, segment_ids, dtype: str = 'float32'):
 def benchmark(impls, batch: int, length: int, heads: int, kv_heads: int, head_dim: int,
               dtype: str, repeats: int) -> dict:
   segment_ids = jnp.asarray(packed_segments(batch, length))
-  cores = {impl: core(impl, segment_ids, dtype) for impl in ['xla'] + [i for i in impls if i != 'xla']}
+  names = ['xla'] + [impl for impl in impls if impl != 'xla']   # xla first: the reference
+  cores = {impl: core(impl, segment_ids, dtype) for impl in names}
   rng = np.random.default_rng(0)
   draw = lambda n: jnp.asarray(rng.standard_normal((batch, length, n, head_dim)), dtype)
   q, k, v = draw(heads), draw(kv_heads), draw(kv_heads)
