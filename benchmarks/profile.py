@@ -58,6 +58,18 @@ def _target_category(target: str) -> str | None:
   return None
 
 
+def _own_kind(opcode: str, target: str | None) -> str | None:
+  """'matmul' / 'attention' for an instruction that is one itself, else None."""
+  if opcode in ('dot', 'convolution'):
+    return 'matmul'
+  return _target_category(target) if target else None
+
+
+def _strongest(kinds) -> str | None:
+  """'attention' over 'matmul' over None: what a computation holding these kinds is."""
+  return 'attention' if 'attention' in kinds else 'matmul' if 'matmul' in kinds else None
+
+
 def hlo_ops(hlo_text: str) -> dict[str, dict[str, str]]:
   """{instruction name: {'category', 'opcode', 'source'}} for every instruction of the module."""
   computations: dict[str, list[tuple[str, str, list[str], str | None, str]]] = {}
@@ -84,32 +96,28 @@ def hlo_ops(hlo_text: str) -> dict[str, dict[str, str]]:
 
   inner: dict[str, str | None] = {}
 
-  def contains(computation: str, seen: frozenset = frozenset()) -> str | None:
-    """'attention' / 'matmul' if the computation (or one it calls) holds one, else None."""
-    if computation in inner:
-      return inner[computation]
-    kinds = set()
-    for _, opcode, called, target, _ in computations.get(computation, ()):
-      if opcode in ('dot', 'convolution'):
-        kinds.add('matmul')
-      elif target:
-        kinds.add(_target_category(target))
-      kinds.update(contains(sub, seen | {computation}) for sub in called if sub not in seen)
-    found = 'attention' if 'attention' in kinds else 'matmul' if 'matmul' in kinds else None
-    inner[computation] = found
-    return found
+  def contains(computation: str) -> str | None:
+    """'attention' / 'matmul' if the computation (or one it calls) holds one, else None.
+
+    HLO's call graph has no cycles, so the recursion ends."""
+    if computation not in inner:
+      body = computations.get(computation, ())
+      inner[computation] = _strongest(
+          [_own_kind(opcode, target) for _, opcode, _, target, _ in body]
+          + [contains(sub) for _, _, called, _, _ in body for sub in called])
+    return inner[computation]
 
   ops = {}
   for instructions in computations.values():
     for name, opcode, called, target, op_name in instructions:
       if opcode in _CONTROL:
         category = 'control'
-      elif opcode in ('dot', 'convolution'):
-        category = 'matmul'
+      elif _own_kind(opcode, target):
+        category = _own_kind(opcode, target)
       elif opcode == 'custom-call':
-        category = _target_category(target or '') or 'other'
+        category = 'other'
       elif opcode == 'fusion':
-        category = next(filter(None, (contains(c) for c in called)), None) or 'fusion'
+        category = _strongest([contains(c) for c in called]) or 'fusion'
       elif opcode in _COLLECTIVES:
         category = 'collective'
       elif opcode in _COPIES:
