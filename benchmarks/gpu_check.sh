@@ -5,9 +5,10 @@
 #
 # 1. env.txt: the GPU, the driver and the Python packages in use.
 # 2. suite.log: the test suite on the GPU (pytest-xdist, SUITE_WORKERS
-#    processes, cut at SUITE_SECONDS; SUITE_TESTS picks the files). Float32 matmuls at 'highest' precision, since the tests compare
-#    float32 results to 1e-5 and XLA:GPU would otherwise use TF32. The cuDNN
-#    attention tests (tests/test_attention.py, skipped off GPU) run first.
+#    processes, cut at SUITE_SECONDS; SUITE_TESTS picks the files). Float32
+#    matmuls at 'highest' precision, since the tests compare float32 results
+#    to 1e-5 and XLA:GPU would otherwise use TF32. The cuDNN attention tests
+#    (tests/test_attention.py, skipped off GPU) run first, alone.
 # 3. bf16_train.log: `tiny` trained in bfloat16 with attention_impl 'auto'
 #    (cuDNN), beside the suite, then evaluated on the test split: its
 #    validation losses are comparable with the float32 figures of the preset's
@@ -69,13 +70,12 @@ echo "suite XLA_FLAGS: ${deterministic:-none}" >> "$out/env.txt"
 
 # 2 + 3: the suite (cuDNN tests first, alone) with the bf16 run beside it.
 (
-  export XLA_FLAGS="${XLA_FLAGS:-} $deterministic"
-
-  JAX_DEFAULT_MATMUL_PRECISION=highest timeout 120 python3 -m pytest -q -p no:cacheprovider \
-    tests/test_attention.py -k cudnn -rA 2>&1
+  export XLA_FLAGS="${XLA_FLAGS:-} $deterministic" JAX_DEFAULT_MATMUL_PRECISION=highest
+  timeout 120 python3 -m pytest -q -p no:cacheprovider tests/test_attention.py -k cudnn -rA 2>&1
   echo "== cudnn tests exit $?"
-  JAX_DEFAULT_MATMUL_PRECISION=highest timeout "$SUITE_SECONDS" python3 -m pytest -v \
-    -p no:cacheprovider -n "$SUITE_WORKERS" --timeout=240 -rfE $SUITE_TESTS 2>&1
+  # The rest: the cuDNN tests ran above.
+  timeout "$SUITE_SECONDS" python3 -m pytest -v -p no:cacheprovider -n "$SUITE_WORKERS" \
+    --timeout=240 -rfE -k 'not cudnn' $SUITE_TESTS 2>&1
   echo "== suite exit $? (124: cut at ${SUITE_SECONDS}s)"
 ) > "$out/suite.log" &
 suite=$!
@@ -105,7 +105,7 @@ while read -r variant; do
 done <<< "$BENCH_VARIANTS"
 
 # 5: one layer's attention at the 1b shape: the packing mask's price in cuDNN.
-timeout 120 python3 -m benchmarks.attention --impls=xla,cudnn,cudnn_causal,cudnn_nodbias --dtype=bfloat16 \
-  --batch="$BENCH_BATCH" --length=2048 --heads=32 --kv_heads=8 --head_dim=64 \
+timeout 120 python3 -m benchmarks.attention --impls=xla,cudnn,cudnn_causal,cudnn_nodbias \
+  --dtype=bfloat16 --batch="$BENCH_BATCH" --length=2048 --heads=32 --kv_heads=8 --head_dim=64 \
   > "$out/attention.json" 2>> "$out/bench_err.log"
 echo "total: $((SECONDS - start)) s" >> "$out/env.txt"
