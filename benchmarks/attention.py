@@ -1,18 +1,17 @@
 """Forward + backward time of the attention cores at one layer's shape.
 
   python -m benchmarks.attention --impls=xla,block          # bench_cpu's shape, float32
-  python -m benchmarks.attention --impls=xla,cudnn,cudnn_causal --dtype=bfloat16 \\
+  python -m benchmarks.attention --impls=xla,cudnn,cudnn_causal,cudnn_packed --dtype=bfloat16 \\
       --batch=16 --length=2048 --heads=32 --kv_heads=8      # the 1b shape, on a GPU
 
 Each row of the batch holds two documents (lengths T/2 + 3 and T/2 - 3), so
 the packing mask matters. 'cudnn_causal' is the fused kernel with the causal
 mask alone, which is right only for rows of one document: beside 'cudnn' it
-prices the packing mask, which reaches cuDNN as a [B, 1, T, T] bias whose
-gradient cuDNN also computes (model/attention.py). Its error against 'xla'
-is large here by construction. 'cudnn_nodbias' is 'cudnn' with that bias
-gradient switched off (jax's private `should_export_dbias` answered False
-while the call is traced): an experiment, not a model option, until a GPU
-run shows it is right (its errors below) and faster.
+prices the packing mask, which reaches cuDNN as a [B, 1, T, T] bias
+(model/attention.py). Its error against 'xla'
+is large here by construction. 'cudnn_packed' is the model's 'cudnn_packed'
+core (`attention.cudnn_attention`, at most 4 documents a row): cuDNN's
+packed layout, no bias.
 
 Prints one JSON object: per core, the median seconds of `--repeats` jitted
 forward + backward calls after a compiling one, the FLOP/s of that time with
@@ -23,7 +22,6 @@ core's.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import statistics
 import time
@@ -39,7 +37,7 @@ from model import attention
 from train import console
 
 _IMPLS = flags.DEFINE_list('impls', ['xla', 'block'], "Cores: 'xla', 'block', 'cudnn', "
-                           "'cudnn_causal', 'cudnn_nodbias' (GPU).")
+                           "'cudnn_causal', 'cudnn_packed' (GPU).")
 _BATCH = flags.DEFINE_integer('batch', 16, 'Rows.')
 _LENGTH = flags.DEFINE_integer('length', 256, 'Tokens per row.')
 _HEADS = flags.DEFINE_integer('heads', 6, 'Query heads.')
@@ -57,21 +55,6 @@ def packed_segments(batch: int, length: int) -> np.ndarray:
   return np.broadcast_to(row, (batch, length)).copy()
 
 
-@contextlib.contextmanager
-def _no_bias_gradient():
-  """While tracing: jax asks cuDNN for no gradient of the (mask's) bias."""
-  from jax._src.cudnn import fused_attention_stablehlo as cudnn_attention  # pylint: disable=g-import-not-at-top
-  if not hasattr(cudnn_attention, 'should_export_dbias'):
-    raise UserError('--impls=cudnn_nodbias: this jax has no '
-                    'fused_attention_stablehlo.should_export_dbias to switch off.')
-  saved = cudnn_attention.should_export_dbias
-  cudnn_attention.should_export_dbias = lambda *args: False
-  try:
-    yield
-  finally:
-    cudnn_attention.should_export_dbias = saved
-
-
 def core(impl: str, segment_ids, dtype: str = 'float32'):
   """(q, k, v) -> output of the named core, with the packing mask of `segment_ids`."""
   if impl == 'xla':
@@ -79,22 +62,20 @@ def core(impl: str, segment_ids, dtype: str = 'float32'):
     return lambda q, k, v: attention.xla_attention(q, k, v, mask)
   if impl == 'block':
     return lambda q, k, v: attention.block_causal_attention(q, k, v, segment_ids)
-  if impl in ('cudnn', 'cudnn_causal', 'cudnn_nodbias'):
+  if impl in ('cudnn', 'cudnn_causal', 'cudnn_packed'):
     try:
-      attention.select_impl('cudnn', jax.default_backend(), segment_ids.shape[1], dtype)
+      attention.select_impl(impl.replace('_causal', ''), jax.default_backend(),
+                            segment_ids.shape[1], dtype)
     except ValueError as e:
       raise UserError(f'--impls={impl}: {e}') from None
     if impl == 'cudnn':
       return lambda q, k, v: attention.dot_product_attention(q, k, v, segment_ids, 'cudnn')
-    if impl == 'cudnn_nodbias':
-      def nodbias(q, k, v):
-        with _no_bias_gradient():
-          return attention.dot_product_attention(q, k, v, segment_ids, 'cudnn')
-      return nodbias
+    if impl == 'cudnn_packed':
+      return lambda q, k, v: attention.cudnn_attention(q, k, v, segment_ids, max_segments=4)
     return lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=True,
                                                         implementation='cudnn')
   raise UserError(f"--impls: unknown core {impl!r}; use 'xla', 'block', 'cudnn', "
-                  "'cudnn_causal' or 'cudnn_nodbias'.")
+                  "'cudnn_causal' or 'cudnn_packed'.")
 
 
 def benchmark(impls, batch: int, length: int, heads: int, kv_heads: int, head_dim: int,

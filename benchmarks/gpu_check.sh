@@ -22,8 +22,7 @@
 #    (benchmarks/profile.py).
 # 5. attention.json: one layer's attention forward + backward at that shape
 #    with 'xla', 'cudnn' (the packing mask as a bias), 'cudnn_causal' (no
-#    mask) and 'cudnn_nodbias' (the mask, without its gradient)
-#    (benchmarks/attention.py).
+#    mask) and 'cudnn_packed' (cuDNN's packed layout) (benchmarks/attention.py).
 #
 # Runs from the repository root with the python3 on PATH; needs prepared data
 # at runs/data (python -m data_pipeline --config=configs/data.py:stdlib
@@ -47,7 +46,9 @@ BENCH_BATCH=${BENCH_BATCH:-16}
 BENCH_PROFILE_STEPS=${BENCH_PROFILE_STEPS:-2}
 BENCH_VARIANTS=${BENCH_VARIANTS:-"
 --config.model.remat_policy=none
---config.model.remat_policy=full"}
+--config.model.remat_policy=none --config.model.attention_impl=cudnn_packed
+--config.model.remat_policy=none --config.model.attention_impl=cudnn_packed --documents_per_row=4
+--config.model.remat_policy=full --config.model.attention_impl=cudnn_packed"}
 start=$SECONDS
 
 {
@@ -105,7 +106,7 @@ while read -r variant; do
 done <<< "$BENCH_VARIANTS"
 
 # 5: one layer's attention at the 1b shape: the packing mask's price in cuDNN.
-timeout 120 python3 -m benchmarks.attention --impls=xla,cudnn,cudnn_causal,cudnn_nodbias \
+timeout 120 python3 -m benchmarks.attention --impls=xla,cudnn,cudnn_causal,cudnn_packed \
   --dtype=bfloat16 --batch="$BENCH_BATCH" --length=2048 --heads=32 --kv_heads=8 --head_dim=64 \
   > "$out/attention.json" 2>> "$out/bench_err.log"
 echo "total: $((SECONDS - start)) s" >> "$out/env.txt"

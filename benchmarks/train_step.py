@@ -11,6 +11,10 @@ compilation and --warmup steps), tokens/s, model FLOPs per token
 MFU against the peak (`train.mfu`: the vendor table on TPU/GPU, a measured
 float32 matmul on CPU). No dataset is needed.
 
+`--documents_per_row=K` packs K equal documents in each row (segment ids and
+positions as the loader gives them), which is what the attention cores'
+packing masks see; the default is one.
+
 `--profile_steps=N` also traces N steps with `jax.profiler` and adds where
 their time went, per category of XLA op and the top ops (benchmarks/profile.py);
 `--profile_dir` keeps the trace for TensorBoard / Perfetto.
@@ -63,20 +67,24 @@ _PROFILE_STEPS = flags.DEFINE_integer('profile_steps', 0, 'Steps to trace with j
                                       'after the timed ones (0: none).')
 _PROFILE_DIR = flags.DEFINE_string('profile_dir', None, 'Where to keep the trace (default: a '
                                    'temporary folder, removed).')
+_DOCUMENTS = flags.DEFINE_integer('documents_per_row', 1, 'Documents packed in each row of '
+                                  'the random batch (equal lengths).')
 _PEER_SCRIPT = flags.DEFINE_string(
     'peer_script', os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                                 '..', 'shared', 'peers', 'nanogpt_cpu.py'),
     'The peer script (prints model_gflops_per_s=...).')
 
 
-def random_batch(config, seed: int = 0) -> dict[str, np.ndarray]:
-  """Random tokens, one document per row (the packed layout the loader gives)."""
+def random_batch(config, seed: int = 0, documents: int = 1) -> dict[str, np.ndarray]:
+  """Random tokens, `documents` equal documents packed per row (the loader packs them)."""
   rng = np.random.default_rng(seed)
   shape = (config.batch_size, config.seq_len)
+  document_T = np.arange(config.seq_len) * documents // config.seq_len
+  starts_T = np.searchsorted(document_T, document_T)   # each token's document start
   return {
       'tokens': rng.integers(4, config.model.vocab_size, shape, dtype=np.int32),
-      'segment_ids': np.ones(shape, np.int32),
-      'positions': np.broadcast_to(np.arange(config.seq_len, dtype=np.int32), shape).copy(),
+      'segment_ids': np.broadcast_to(1 + document_T, shape).astype(np.int32),
+      'positions': np.broadcast_to(np.arange(config.seq_len) - starts_T, shape).astype(np.int32),
   }
 
 
@@ -88,7 +96,7 @@ def peer_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
   return float(6 * n + 6 * cfg.num_layers * seq_len * cfg.num_heads * cfg.head_dim)
 
 
-def compiled_step(config):
+def compiled_step(config, documents: int = 1):
   """(run(num_steps) -> list of step seconds, info): the compiled train step on random tokens."""
   model_cfg = ModelConfig.from_config(config.model)
   model = Transformer(model_cfg)
@@ -98,7 +106,7 @@ def compiled_step(config):
                                                     jax.random.PRNGKey(config.seed))
   batch_sharding = mesh_lib.batch_sharding(mesh, rules)
   train_step = steps_lib.make_train_step(config, model, mesh, shardings, batch_sharding)
-  batch = jax.device_put(random_batch(config), batch_sharding)
+  batch = jax.device_put(random_batch(config, documents=documents), batch_sharding)
 
   start = time.perf_counter()
   compiled = train_step.lower(state, batch).compile()
@@ -132,9 +140,10 @@ def profile(run, info, num_steps: int, trace_dir: str | None = None) -> dict:
 
 
 def benchmark(config, num_steps: int, warmup: int, run=None, info=None,
-              profile_steps: int = 0, profile_dir: str | None = None) -> dict:
+              profile_steps: int = 0, profile_dir: str | None = None,
+              documents: int = 1) -> dict:
   if run is None:
-    run, info = compiled_step(config)
+    run, info = compiled_step(config, documents)
   model_cfg, mesh = info['model_cfg'], info['mesh']
   run(warmup)
   cpu_start = time.process_time()
@@ -158,6 +167,7 @@ def benchmark(config, num_steps: int, warmup: int, run=None, info=None,
       'scan_layers': model_cfg.scan_layers,
       'remat_policy': model_cfg.remat_policy,
       'attention_impl': model_cfg.attention_impl,
+      'documents_per_row': documents,
       'loss_chunk_size': model_cfg.loss_chunk_size,
       'step_time_s': step_s,
       'step_time_min_s': min(times),
@@ -235,7 +245,8 @@ def main(argv):
                                  _PEER_SCRIPT.value)
   else:
     report = benchmark(_CONFIG.value, _STEPS.value, _WARMUP.value,
-                       profile_steps=_PROFILE_STEPS.value, profile_dir=_PROFILE_DIR.value)
+                       profile_steps=_PROFILE_STEPS.value, profile_dir=_PROFILE_DIR.value,
+                       documents=_DOCUMENTS.value)
   print(json.dumps(report))
 
 

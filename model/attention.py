@@ -8,6 +8,11 @@ Interchangeable implementations of the attention core, chosen by
   (`block_causal_attention`); exact, runs everywhere, written for XLA:CPU.
 - 'cudnn': `jax.nn.dot_product_attention(implementation='cudnn')` (GPU, needs
   bfloat16/float16); packing goes in as a dense [B, 1, T, T] segment mask.
+- 'cudnn_packed': the same kernel given each row's documents as offsets and
+  lengths (cuDNN's packed layout, `cudnn_attention`), no mask: it skips the
+  key blocks of other documents and reads no [B, T, T] bias. Needs jax >=
+  0.11; a batch with a row of more than `CUDNN_MAX_SEGMENTS` documents runs
+  the 'cudnn' kernel. Not yet what 'auto' picks (see below).
 - 'splash': the Pallas TPU splash-attention kernel with a causal mask and
   `SegmentIds` for packing; grouped-query attention is native to the kernel.
   It runs per device inside `jax.shard_map`, batch sharded as
@@ -31,7 +36,15 @@ The segment mask reaches cuDNN as a [B, 1, T, T] bias. Checked on one H200
 (jax 0.11.2, cuDNN 9.19, 2026-12-04; tests/test_attention.py, skipped off
 GPU): forward and backward with packed segments and padding equal the
 float32 reference within bfloat16 rounding, at lengths 128 and 200, and in
-the model the loss and gradients equal those of 'xla' in bfloat16.
+the model the loss and gradients equal those of 'xla' in bfloat16. At the 1b
+preset's layer shape (batch 16, length 2048, 32 query and 8 kv heads of 64,
+two documents a row) one forward + backward took 5.78 ms with the mask, 4.05
+ms with the causal mask alone (wrong for packed rows) and 3.00 ms with the
+packed layout, whose output and gradients differed from the xla core's
+exactly as the mask's did (H200, jax 0.11.2, 2026-12-04,
+`benchmarks/attention.py`). 'cudnn_packed' in the model is checked by
+tests/test_attention.py's GPU tests, which have not yet run on a GPU in its
+present form: until they have, 'auto' picks 'cudnn'.
 
 Letters: B batch, T query length, S key length, D d_model, N query heads,
 K key/value heads, G = N // K query heads per kv head, H head dim.
@@ -74,7 +87,7 @@ def splash_block_size(length: int) -> int | None:
 
 
 def select_impl(requested: str, platform: str, length: int, dtype: jnp.dtype) -> str:
-  """Resolves `attention_impl` to 'xla' | 'block' | 'cudnn' | 'splash' for one call."""
+  """Resolves `attention_impl` to 'xla' | 'block' | 'cudnn' | 'cudnn_packed' | 'splash'."""
   dtype = jnp.dtype(dtype)
   if requested == 'auto':
     if platform == 'tpu':
@@ -97,12 +110,16 @@ def select_impl(requested: str, platform: str, length: int, dtype: jnp.dtype) ->
     if splash_block_size(length) is None:
       raise ValueError(f"attention_impl='splash' needs a sequence length divisible by 128, "
                        f'got {length}.')
-  if requested == 'cudnn':
+  if requested in ('cudnn', 'cudnn_packed'):
     if platform != 'gpu':
-      raise ValueError(f"attention_impl='cudnn' needs GPU devices, but attention runs on "
+      raise ValueError(f"attention_impl={requested!r} needs GPU devices, but attention runs on "
                        f"'{platform}'; use 'auto' or 'xla'.")
     if dtype not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
-      raise ValueError(f"attention_impl='cudnn' needs dtype bfloat16 or float16, got {dtype}.")
+      raise ValueError(f'attention_impl={requested!r} needs dtype bfloat16 or float16, got '
+                       f'{dtype}.')
+    if requested == 'cudnn_packed' and _jax_version() < (0, 11):
+      raise ValueError(f"attention_impl='cudnn_packed' needs jax >= 0.11, this is "
+                       f"{jax.__version__}; use 'cudnn'.")
   return requested
 
 
@@ -204,6 +221,81 @@ def dot_product_attention(q_BTNH: jax.Array, k_BSKH: jax.Array, v_BSKH: jax.Arra
                                       implementation=implementation)
 
 
+# Documents (runs of one segment id, padding included) per row that the
+# packed layout takes; a batch with a row holding more runs the masked kernel
+# instead (both are compiled, `lax.cond` picks).
+CUDNN_MAX_SEGMENTS = 16
+
+
+def segment_runs(segment_ids_BT: jax.Array, max_segments: int) -> tuple[jax.Array, jax.Array,
+                                                                          jax.Array]:
+  """Each row's runs of equal segment ids, as cuDNN's packed layout wants them.
+
+  Returns (offsets [B, M + 1], lengths [B, M], ok [B]) with M =
+  `max_segments`: the start and length of row b's m-th run, -1 past its last
+  run (and in the last offset column). Padding (id 0) is a run like any
+  other, so every token is in one. `ok[b]` says the runs are row b's whole
+  mask: it has at most M of them and no id comes back after another (no id in
+  two runs, which the mask would join), so attention within each run is
+  exactly the causal, same-segment mask.
+  """
+  batch, length = segment_ids_BT.shape
+  starts_BT = jnp.pad(segment_ids_BT[:, 1:] != segment_ids_BT[:, :-1], ((0, 0), (1, 0)),
+                      constant_values=True)
+  run_BT = jnp.cumsum(starts_BT, axis=1, dtype=jnp.int32) - 1
+  runs_B = run_BT[:, -1] + 1
+  sorted_BT = jnp.sort(segment_ids_BT, axis=1)
+  distinct_B = 1 + jnp.sum(sorted_BT[:, 1:] != sorted_BT[:, :-1], axis=1)
+  rows_B1 = jnp.arange(batch)[:, None]
+  # Runs past M scatter out of range and are dropped.
+  lengths_BM = jnp.zeros((batch, max_segments), jnp.int32).at[rows_B1, run_BT].add(
+      1, mode='drop')
+  start_index_BT = jnp.where(starts_BT, run_BT, max_segments)
+  positions_BT = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))
+  offsets_BM = jnp.zeros((batch, max_segments), jnp.int32).at[rows_B1, start_index_BT].set(
+      positions_BT, mode='drop')
+  listed_BM = jnp.arange(max_segments) < runs_B[:, None]
+  lengths_BM = jnp.where(listed_BM, lengths_BM, -1)
+  offsets_BM1 = jnp.pad(jnp.where(listed_BM, offsets_BM, -1), ((0, 0), (0, 1)),
+                        constant_values=-1)
+  return offsets_BM1, lengths_BM, (runs_B <= max_segments) & (runs_B == distinct_B)
+
+
+def cudnn_attention(q_BTNH: jax.Array, k_BSKH: jax.Array, v_BSKH: jax.Array,
+                    segment_ids_BT: jax.Array, max_segments: int = CUDNN_MAX_SEGMENTS
+                    ) -> jax.Array:
+  """Causal, segment-masked attention with cuDNN's packed layout (GPU, half precision).
+
+  Each row's runs of one segment id go to the kernel as offsets and lengths
+  (`segment_runs`), so it attends within each run, causally, and skips the
+  rest. Where a row's runs are not its whole mask (more than `max_segments`,
+  or an id in two runs) the batch runs `dot_product_attention`'s masked
+  kernel instead. Calls jax's private cuDNN wrapper
+  (`jax._src.cudnn.fused_attention_stablehlo`); before jax 0.11 it gave
+  grouped-query keys the query heads' stride, hence the version check in
+  `select_impl`.
+  """
+  with_mask = lambda q, k, v, segment_ids: dot_product_attention(q, k, v, segment_ids, 'cudnn')
+  from jax._src.cudnn import fused_attention_stablehlo as sdpa  # pylint: disable=g-import-not-at-top
+  offsets_BM1, lengths_BM, ok_B = segment_runs(segment_ids_BT, max_segments)
+
+  def packed(q_BTNH, k_BSKH, v_BSKH, segment_ids_BT):
+    del segment_ids_BT
+    return sdpa.dot_product_attention(
+        q_BTNH, k_BSKH, v_BSKH, q_seqlen=lengths_BM, kv_seqlen=lengths_BM,
+        q_offsets=offsets_BM1, kv_offsets=offsets_BM1, scale=1.0 / math.sqrt(q_BTNH.shape[-1]),
+        mask_type=sdpa.MaskType.PADDING_CAUSAL)
+
+  # The fallback saves nothing for the backward pass but its inputs: a
+  # conditional keeps the residuals of both branches.
+  return jax.lax.cond(jnp.all(ok_B), packed, jax.checkpoint(with_mask),
+                      q_BTNH, k_BSKH, v_BSKH, segment_ids_BT)
+
+
+def _jax_version() -> tuple[int, ...]:
+  return tuple(int(part) for part in jax.__version__.split('.')[:2])
+
+
 def splash_attention(q_BTNH: jax.Array, k_BSKH: jax.Array, v_BSKH: jax.Array,
                      segment_ids_BT: jax.Array, *, mesh=None, interpret: bool = False) -> jax.Array:
   """Causal, segment-masked attention with the Pallas TPU splash kernel.
@@ -279,6 +371,8 @@ def attention_core(q_BTNH: jax.Array, k_BSKH: jax.Array, v_BSKH: jax.Array,
     return splash_attention(q_BTNH, k_BSKH, v_BSKH, segment_ids_BT, mesh=mesh)
   if impl == 'cudnn':
     return dot_product_attention(q_BTNH, k_BSKH, v_BSKH, segment_ids_BT, 'cudnn')
+  if impl == 'cudnn_packed':
+    return cudnn_attention(q_BTNH, k_BSKH, v_BSKH, segment_ids_BT)
   if impl == 'block':
     return block_causal_attention(q_BTNH, k_BSKH, v_BSKH, segment_ids_BT)
   return xla_attention(q_BTNH, k_BSKH, v_BSKH, segment_causal_mask(segment_ids_BT))

@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Mapping
 
-ATTENTION_IMPLS = ('auto', 'xla', 'block', 'cudnn', 'splash')
+ATTENTION_IMPLS = ('auto', 'xla', 'block', 'cudnn', 'cudnn_packed', 'splash')
 # The rematerialisation policies that `model.transformer` knows (see there).
 REMAT_POLICIES = (
     'none', 'full', 'dots_saveable', 'dots_with_no_batch_dims_saveable',
@@ -67,8 +67,8 @@ class ModelConfig:
     param_dtype: dtype the parameters are stored in.
     scan_layers: stack the blocks with `nn.scan` (one compiled block).
     remat_policy: what the backward pass may keep; one of REMAT_POLICIES.
-    attention_impl: 'auto' | 'xla' | 'block' | 'cudnn' | 'splash' (see
-      model.attention).
+    attention_impl: 'auto' | 'xla' | 'block' | 'cudnn' | 'cudnn_packed' |
+      'splash' (see model.attention).
     norm_eps: RMSNorm epsilon.
     loss_chunk_size: > 0: the next-token loss forms the logits this many
       positions at a time (`train.losses.chunked_cross_entropy`), never the

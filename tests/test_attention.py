@@ -125,10 +125,22 @@ def test_auto_selection(platform, length, dtype, expected):
     ('splash', 'gpu', 'needs TPU'),
     ('cudnn', 'cpu', 'needs GPU'),
     ('cudnn', 'tpu', 'needs GPU'),
+    ('cudnn_packed', 'cpu', 'needs GPU'),
 ])
 def test_explicit_kernel_on_wrong_platform_raises(impl, platform, match):
   with pytest.raises(ValueError, match=match):
     attention.select_impl(impl, platform, 128, jnp.bfloat16)
+
+
+def test_cudnn_packed_needs_half_precision_and_jax_0_11():
+  with pytest.raises(ValueError, match='needs dtype bfloat16'):
+    attention.select_impl('cudnn_packed', 'gpu', 128, jnp.float32)
+  major_minor = tuple(int(part) for part in jax.__version__.split('.')[:2])
+  if major_minor < (0, 11):   # its cuDNN wrapper strides grouped-query keys wrongly
+    with pytest.raises(ValueError, match=r'needs jax >= 0\.11'):
+      attention.select_impl('cudnn_packed', 'gpu', 128, jnp.bfloat16)
+  else:
+    assert attention.select_impl('cudnn_packed', 'gpu', 128, jnp.bfloat16) == 'cudnn_packed'
 
 
 def test_explicit_splash_on_cpu_model_raises_at_trace_time():
@@ -248,9 +260,32 @@ def test_block_impl_in_the_model_equals_xla():
 _ON_GPU = pytest.mark.skipif(jax.default_backend() != 'gpu', reason='cuDNN attention needs a GPU')
 
 
+def test_segment_runs_lists_each_rows_documents():
+  segments = jnp.array([[1, 1, 1, 2, 2, 3, 0, 0],
+                        [4, 4, 4, 4, 4, 4, 4, 4],
+                        [0, 0, 5, 5, 6, 6, 6, 6],    # leading padding
+                        [1, 2, 3, 4, 5, 6, 7, 8],    # more runs than max_segments
+                        [0, 0, 5, 5, 0, 6, 6, 6]],   # padding in two runs: the mask joins them
+                       jnp.int32)
+  offsets, lengths, ok = jax.jit(attention.segment_runs, static_argnums=1)(segments, 4)
+  np.testing.assert_array_equal(offsets, [[0, 3, 5, 6, -1], [0, -1, -1, -1, -1],
+                                          [0, 2, 4, -1, -1], [0, 1, 2, 3, -1],
+                                          [0, 2, 4, 5, -1]])
+  np.testing.assert_array_equal(lengths, [[3, 2, 1, 2], [8, -1, -1, -1], [2, 2, 4, -1],
+                                          [1, 1, 1, 1], [2, 2, 1, 3]])
+  np.testing.assert_array_equal(ok, [True, True, True, False, False])
+
+
+# Row 0 of the test below holds five runs (padding included), so with two
+# the packed layout cannot take the batch and the masked kernel runs.
+# (impl, max_segments)
+_CUDNN_CORES = [('cudnn', None), ('cudnn_packed', 8), ('cudnn_packed', 2)]
+
+
 @_ON_GPU
+@pytest.mark.parametrize('impl,max_segments', _CUDNN_CORES)
 @pytest.mark.parametrize('length', [128, 200])   # 200: not a multiple of cuDNN's tiles
-def test_cudnn_equals_reference_packed_forward_and_backward(length):
+def test_cudnn_equals_reference_packed_forward_and_backward(length, impl, max_segments):
   """The fused kernel with the packing mask, against the float32 reference on the same inputs.
 
   Its error must be of the size bfloat16 rounding gives: no larger than twice
@@ -263,7 +298,9 @@ def test_cudnn_equals_reference_packed_forward_and_backward(length):
   weights = jnp.asarray(np.random.default_rng(1).standard_normal(q.shape), jnp.float32)
   mask = attention.segment_causal_mask(segments)
   cores = {
-      'cudnn': lambda q, k, v: attention.dot_product_attention(q, k, v, segments, 'cudnn'),
+      'cudnn': (lambda q, k, v: attention.cudnn_attention(q, k, v, segments, max_segments))
+               if impl == 'cudnn_packed' else
+               (lambda q, k, v: attention.dot_product_attention(q, k, v, segments, 'cudnn')),
       'xla_bf16': lambda q, k, v: attention.xla_attention(q, k, v, mask),
       'ref_f32': lambda q, k, v: attention.xla_attention(
           *(x.astype(jnp.float32) for x in (q, k, v)), mask),
@@ -283,7 +320,8 @@ def test_cudnn_equals_reference_packed_forward_and_backward(length):
 
 
 @_ON_GPU
-def test_cudnn_in_the_model_equals_xla_in_bfloat16():
+@pytest.mark.parametrize('impl', ['cudnn', 'cudnn_packed'])
+def test_cudnn_in_the_model_equals_xla_in_bfloat16(impl):
   cfg = ModelConfig(vocab_size=256, d_model=128, num_layers=2, num_heads=4, num_kv_heads=2,
                     head_dim=32, mlp_dim=256, max_len=128, dtype='bfloat16',
                     attention_impl='xla')
@@ -291,8 +329,8 @@ def test_cudnn_in_the_model_equals_xla_in_bfloat16():
   segments = jnp.array([[1] * 60 + [2] * 60 + [0] * 8, [1] * 128], jnp.int32)
   params = jax.jit(Transformer(cfg).init)(jax.random.key(0), tokens)
 
-  def loss(impl):
-    model = Transformer(dataclasses.replace(cfg, attention_impl=impl))
+  def loss(name):
+    model = Transformer(dataclasses.replace(cfg, attention_impl=name))
 
     def f(params):
       logits = model.apply(params, tokens, segments).astype(jnp.float32)
@@ -301,7 +339,7 @@ def test_cudnn_in_the_model_equals_xla_in_bfloat16():
       return -jnp.mean(picked)
     return jax.jit(jax.value_and_grad(f))(params)
 
-  (cudnn_loss, cudnn_grads), (xla_loss, xla_grads) = loss('cudnn'), loss('xla')
+  (cudnn_loss, cudnn_grads), (xla_loss, xla_grads) = loss(impl), loss('xla')
   np.testing.assert_allclose(cudnn_loss, xla_loss, rtol=1e-2)
   for g, r in zip(jax.tree.leaves(cudnn_grads), jax.tree.leaves(xla_grads)):
     g, r = np.asarray(g, np.float32), np.asarray(r, np.float32)

@@ -109,3 +109,16 @@ def test_a_real_step_profile_accounts_for_its_ops():
   assert all(op['opcode'] != '?' for op in summary['top_ops'])
   assert summary['by_category']['matmul']['share'] > 0.2
   assert any(op['source'].endswith('dot_general') for op in summary['top_ops'])
+
+
+def test_benchmark_batch_packs_equal_documents_per_row():
+  # benchmarks.train_step defines absl flags on import: read its helper in a subprocess.
+  code = ('import ml_collections; from benchmarks import train_step; '
+          'c = ml_collections.ConfigDict(dict(batch_size=2, seq_len=10, '
+          'model=dict(vocab_size=50))); b = train_step.random_batch(c, documents=3); '
+          'print(b["segment_ids"].tolist(), b["positions"].tolist(), b["tokens"].shape)')
+  result = subprocess.run([sys.executable, '-c', code], cwd=ROOT, capture_output=True,
+                          text=True, timeout=300, check=False)
+  assert result.returncode == 0, result.stderr[-3000:]
+  segments, positions = [1, 1, 1, 1, 2, 2, 2, 3, 3, 3], [0, 1, 2, 3, 0, 1, 2, 0, 1, 2]
+  assert result.stdout.strip() == f'{[segments] * 2} {[positions] * 2} (2, 10)'
