@@ -31,6 +31,12 @@ LoRA (`lora.*`, configs/lora.py): `--config.lora.rank=8` trains low-rank
 adapters on the attention and MLP projections of the `init_from` run, its
 params frozen (README, "LoRA").
 
+`init_shrink`, `init_perturb` (1 and 0: off): shrink and perturb the
+`init_from` weights before fine-tuning, every matrix becoming
+`init_shrink * W + init_perturb * std(W) * noise` (norm scales untouched).
+From a `tiny` pre-training at 0.5 and 0.1 the held-out response loss fell
+4.01 -> 3.86 (README, "Fine-tuning"). Full fine-tuning only.
+
 Every other key is the pre-training config's (configs/pretrain.py), with the
 same meaning and checks; `init_from` names a run directory whose parameters
 start the fine-tuning (optimizer state fresh).
@@ -51,6 +57,9 @@ def _sft(base: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   config = base
   config.init_from = ''
   config.chat = True   # generate and evaluate render prompts with the chat template
+  # Shrink and perturb init_from's weights (Ash & Adams 2020; see the docstring).
+  config.init_shrink = 1.0
+  config.init_perturb = 0.0
   config.data = ml_collections.ConfigDict(dict(
       workdir='runs/sft_data', preset='sft', source='stdlib', paths='',
       tokenizer='runs/data/tokenizer.model', validation=0.02, test=0.04))
@@ -105,6 +114,8 @@ RULES: tuple[v.Rule, ...] = (
     ('data.source', lambda s: s in ('stdlib', 'files'), "'stdlib' or 'files'"),
     ('data.validation', v.is_number(0.0, 0.5), 'a number in [0, 0.5]'),
     ('data.test', v.is_number(0.0, 0.5), 'a number in [0, 0.5]'),
+    ('init_shrink', v.is_number(0.0, 1.0), 'a number in [0, 1]'),
+    ('init_perturb', v.is_number(0.0, 1.0), 'a number in [0, 1]'),
 )
 
 
@@ -116,5 +127,11 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if config.data.source == 'files' and not config.data.paths:
     raise UserError('config key data.paths is empty but data.source=files: give the JSONL '
                     'files, e.g. --config.data.paths=data/sft/*.jsonl.')
+  if config.lora.rank and (config.init_shrink != 1.0 or config.init_perturb):
+    raise UserError('config keys init_shrink/init_perturb change the init_from weights, which '
+                    'LoRA (lora.rank > 0) keeps frozen: use them with full fine-tuning.')
+  if not config.init_from and (config.init_shrink != 1.0 or config.init_perturb):
+    raise UserError('config keys init_shrink/init_perturb change the init_from weights, but '
+                    'init_from is empty.')
   lora.validate(config)
   pretrain.validate(config)

@@ -143,6 +143,33 @@ def test_init_from_restores_the_params_exactly(setup):
       jax.device_get(state.opt_state)) if x.dtype == np.float32)   # a fresh optimizer
 
 
+def test_shrink_and_perturb_scales_every_matrix_and_adds_noise_of_its_std(setup):
+  for bad, match in (('', 'init_from is empty'), (',init_from=x,lora.rank=4', 'LoRA')):
+    with pytest.raises(UserError, match=match):
+      sft_config.validate(sft_config.get_config(f'tiny,init_shrink=0.5{bad}'))
+  config = sft_config.get_config(f'tiny,{MODEL},init_shrink=0.5,init_perturb=0.1')
+  with config.unlocked():
+    config.init_from = setup['pretrained']
+    config.data.workdir = setup['data']
+  source = stage_lib.adopt_init_from(config, None)
+  from model.transformer import Transformer  # pylint: disable=g-import-not-at-top
+  from train import mesh as mesh_lib  # pylint: disable=g-import-not-at-top
+  from train import state as state_lib  # pylint: disable=g-import-not-at-top
+  abstract, shardings = state_lib.abstract_state(
+      config, Transformer(stage_lib.model_config(config)), mesh_lib.make_mesh(config.mesh))
+  state = stage_lib.state_from_run(config, abstract, shardings, source)
+  _, _, params, _, _ = run_dir.load_run(setup['pretrained'])
+  for new, old in zip(jax.tree.leaves(jax.device_get(state.params)),
+                      jax.tree.leaves(jax.device_get(params))):
+    if old.ndim < 2:   # norm scales are left alone
+      np.testing.assert_array_equal(new, old)
+      continue
+    noise = (new - 0.5 * old) / (0.1 * old.std())
+    bound = 5 / np.sqrt(noise.size)   # five standard errors of a standard normal sample
+    assert abs(noise.mean()) < bound and abs(noise.std() - 1) < bound, (noise.mean(),
+                                                                       noise.std(), noise.size)
+
+
 def test_init_from_a_run_with_another_tokenizer_is_refused(setup, tmp_path):
   config = sft_config.get_config(f'tiny,{MODEL}')
   with config.unlocked():

@@ -222,8 +222,23 @@ def state_from_run(config: ml_collections.ConfigDict, abstract: state_lib.TrainS
         flush=True)
   tx, _ = optimizer_lib.make_optimizer(config.optimizer, config.num_train_steps)
   rng = np.asarray(jax.device_get(jax.random.key_data(jax.random.key(config.seed))))
+  shrink, perturb = config.get('init_shrink', 1.0), config.get('init_perturb', 0.0)
+  if shrink != 1.0 or perturb:
+    print(f'Shrunk the matrices by {shrink} and perturbed them by {perturb} of their std.',
+          flush=True)
+
+  def shrink_perturb(params, rng):
+    leaves, treedef = jax.tree.flatten(params)
+    keys = jax.random.split(jax.random.fold_in(jax.random.wrap_key_data(rng), 1), len(leaves))
+    out = [leaf if leaf.ndim < 2 else
+           shrink * leaf + perturb * jax.numpy.std(leaf) * jax.random.normal(key, leaf.shape,
+                                                                             leaf.dtype)
+           for leaf, key in zip(leaves, keys)]
+    return jax.tree.unflatten(treedef, out)
 
   def fresh(params, rng):
+    if shrink != 1.0 or perturb:
+      params = shrink_perturb(params, rng)
     return state_lib.TrainState(step=jax.numpy.zeros((), jax.numpy.int32), params=params,
                                 opt_state=tx.init(params), rng=jax.random.split(rng)[1])
 
