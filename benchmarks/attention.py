@@ -8,10 +8,9 @@ Each row of the batch holds two documents (lengths T/2 + 3 and T/2 - 3), so
 the packing mask matters. 'cudnn_causal' is the fused kernel with the causal
 mask alone, which is right only for rows of one document: beside 'cudnn' it
 prices the packing mask, which reaches cuDNN as a [B, 1, T, T] bias
-(model/attention.py). Its error against 'xla'
-is large here by construction. 'cudnn_packed' is the model's 'cudnn_packed'
-core (`attention.cudnn_attention`, at most 4 documents a row): cuDNN's
-packed layout, no bias.
+(model/attention.py). Its error against 'xla' is large here by construction.
+'cudnn_packed' is the model's 'cudnn_packed' core (`attention.cudnn_attention`,
+at most 4 documents a row): cuDNN's packed layout, no bias.
 
 Prints one JSON object: per core, the median seconds of `--repeats` jitted
 forward + backward calls after a compiling one, the FLOP/s of that time with

@@ -127,10 +127,11 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if config.data.source == 'files' and not config.data.paths:
     raise UserError('config key data.paths is empty but data.source=files: give the JSONL '
                     'files, e.g. --config.data.paths=data/sft/*.jsonl.')
-  if config.lora.rank and (config.init_shrink != 1.0 or config.init_perturb):
+  reshapes_init = config.init_shrink != 1.0 or config.init_perturb
+  if reshapes_init and config.lora.rank:
     raise UserError('config keys init_shrink/init_perturb change the init_from weights, which '
                     'LoRA (lora.rank > 0) keeps frozen: use them with full fine-tuning.')
-  if not config.init_from and (config.init_shrink != 1.0 or config.init_perturb):
+  if reshapes_init and not config.init_from:
     raise UserError('config keys init_shrink/init_perturb change the init_from weights, but '
                     'init_from is empty.')
   lora.validate(config)

@@ -209,6 +209,17 @@ def params_from_run(source: str, abstract_params: Any) -> tuple[int, Any]:
     reader.close()
 
 
+def shrink_and_perturb(params: Any, shrink: float, perturb: float, key: jax.Array) -> Any:
+  """Every matrix W becomes `shrink * W + perturb * std(W) * noise` (Ash & Adams 2020);
+  vectors (norm scales) are kept as they are."""
+  leaves, treedef = jax.tree.flatten(params)
+  keys = jax.random.split(key, len(leaves))
+  return jax.tree.unflatten(treedef, [
+      leaf if leaf.ndim < 2 else
+      shrink * leaf + perturb * jax.numpy.std(leaf) * jax.random.normal(k, leaf.shape, leaf.dtype)
+      for leaf, k in zip(leaves, keys)])
+
+
 def state_from_run(config: ml_collections.ConfigDict, abstract: state_lib.TrainState,
                    shardings: state_lib.TrainState, source: str,
                    restore: Callable[[], tuple[int, Any]] | None = None) -> state_lib.TrainState:
@@ -223,22 +234,15 @@ def state_from_run(config: ml_collections.ConfigDict, abstract: state_lib.TrainS
   tx, _ = optimizer_lib.make_optimizer(config.optimizer, config.num_train_steps)
   rng = np.asarray(jax.device_get(jax.random.key_data(jax.random.key(config.seed))))
   shrink, perturb = config.get('init_shrink', 1.0), config.get('init_perturb', 0.0)
-  if shrink != 1.0 or perturb:
+  reshape = shrink != 1.0 or perturb
+  if reshape:
     print(f'Shrunk the matrices by {shrink} and perturbed them by {perturb} of their std.',
           flush=True)
 
-  def shrink_perturb(params, rng):
-    leaves, treedef = jax.tree.flatten(params)
-    keys = jax.random.split(jax.random.fold_in(jax.random.wrap_key_data(rng), 1), len(leaves))
-    out = [leaf if leaf.ndim < 2 else
-           shrink * leaf + perturb * jax.numpy.std(leaf) * jax.random.normal(key, leaf.shape,
-                                                                             leaf.dtype)
-           for leaf, key in zip(leaves, keys)]
-    return jax.tree.unflatten(treedef, out)
-
   def fresh(params, rng):
-    if shrink != 1.0 or perturb:
-      params = shrink_perturb(params, rng)
+    if reshape:
+      key = jax.random.fold_in(jax.random.wrap_key_data(rng), 1)
+      params = shrink_and_perturb(params, shrink, perturb, key)
     return state_lib.TrainState(step=jax.numpy.zeros((), jax.numpy.int32), params=params,
                                 opt_state=tx.init(params), rng=jax.random.split(rng)[1])
 
