@@ -108,7 +108,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   return overrides.build(arg, PRESETS, default_preset='tiny')
 
 
-DATA_RULES: tuple[v.Rule, ...] = sft.RULES + (
+DATA_RULES: tuple[v.Rule, ...] = sft.DATA_RULES + (
     ('data.kinds', lambda s: isinstance(s, str) and bool(s) and all(
         k in KINDS.split(',') for k in s.split(',')), f'a comma-separated subset of {KINDS}'),
 )

@@ -110,10 +110,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
 
 # The data keys every post-training stage shares (the reward and DPO configs add theirs).
-RULES: tuple[v.Rule, ...] = (
+DATA_RULES: tuple[v.Rule, ...] = (
     ('data.source', lambda s: s in ('stdlib', 'files'), "'stdlib' or 'files'"),
     ('data.validation', v.is_number(0.0, 0.5), 'a number in [0, 0.5]'),
     ('data.test', v.is_number(0.0, 0.5), 'a number in [0, 0.5]'),
+)
+RULES: tuple[v.Rule, ...] = DATA_RULES + (
     ('init_shrink', v.is_number(0.0, 1.0), 'a number in [0, 1]'),
     ('init_perturb', v.is_number(0.0, 1.0), 'a number in [0, 1]'),
 )
