@@ -3,11 +3,29 @@
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 
-import pytest
+# One XLA compilation cache for the whole test run, in-process and in the
+# subprocesses tests start (they inherit the environment): many tests build the
+# same tiny programs (a `tiny` train step, a sampler), and each new jit of one
+# would otherwise compile it again. Keyed by the program and the compile options,
+# so a hit is the program XLA would have built; removed when the run ends.
+# pytest-xdist's workers inherit the directory from the controller and share it.
+_OWN_CACHE = 'JAX_COMPILATION_CACHE_DIR' not in os.environ
+if _OWN_CACHE:
+  os.environ['JAX_COMPILATION_CACHE_DIR'] = tempfile.mkdtemp(prefix='strata-test-xla-cache-')
+os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0.2')
 
-from data_pipeline import sources
-from data_pipeline import tokenizer as tok_lib
+import jax  # pylint: disable=wrong-import-position
+import pytest  # pylint: disable=wrong-import-position
+
+jax.config.update('jax_compilation_cache_dir', os.environ['JAX_COMPILATION_CACHE_DIR'])
+jax.config.update('jax_persistent_cache_min_compile_time_secs',
+                  float(os.environ['JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS']))
+
+from data_pipeline import sources  # pylint: disable=wrong-import-position
+from data_pipeline import tokenizer as tok_lib  # pylint: disable=wrong-import-position
 
 
 @pytest.fixture(scope='session')
@@ -20,3 +38,8 @@ def stdlib_tokenizer(tmp_path_factory) -> tok_lib.Tokenizer:
       texts.append(f.read())
   prefix = str(tmp_path_factory.mktemp('tok') / 'tok')
   return tok_lib.Tokenizer.load(tok_lib.train_tokenizer(texts, prefix, 600))
+
+
+def pytest_sessionfinish(session, exitstatus):  # pylint: disable=unused-argument
+  if _OWN_CACHE and not hasattr(session.config, 'workerinput'):   # the controller, last
+    shutil.rmtree(os.environ['JAX_COMPILATION_CACHE_DIR'], ignore_errors=True)
