@@ -11,7 +11,7 @@ import tempfile
 # same tiny programs (a `tiny` train step, a sampler), and each new jit of one
 # would otherwise compile it again. Keyed by the program and the compile options,
 # so a hit is the program XLA would have built; removed when the run ends.
-# pytest-xdist's workers inherit the directory from the controller and share it.
+# A directory given in the environment is used as it is, and kept.
 _OWN_CACHE = 'JAX_COMPILATION_CACHE_DIR' not in os.environ
 if _OWN_CACHE:
   os.environ['JAX_COMPILATION_CACHE_DIR'] = tempfile.mkdtemp(prefix='strata-test-xla-cache-')
@@ -41,5 +41,5 @@ def stdlib_tokenizer(tmp_path_factory) -> tok_lib.Tokenizer:
 
 
 def pytest_sessionfinish(session, exitstatus):  # pylint: disable=unused-argument
-  if _OWN_CACHE and not hasattr(session.config, 'workerinput'):   # the controller, last
+  if _OWN_CACHE:
     shutil.rmtree(os.environ['JAX_COMPILATION_CACHE_DIR'], ignore_errors=True)
