@@ -27,7 +27,8 @@ $(LIBTPU)/.installed: $(VENV)/.installed requirements-tpu.lock
 	$(PY) -m pip install --quiet --no-deps --target $(LIBTPU) -r requirements-tpu.lock
 	touch $@
 
-# PyTorch + transformers: only the reference for the Hugging Face checkpoint tests.
+# PyTorch + transformers: only the reference for the Hugging Face checkpoint tests;
+# pytest-xdist runs the suite on several processes.
 $(VENV)/.installed-test: $(VENV)/.installed requirements-test.lock
 	$(PY) -m pip install --quiet -r requirements-test.lock
 	touch $@
@@ -64,8 +65,12 @@ posttrain: install
 	$(PY) -m train.rl --config=configs/rl.py:grpo_tiny --workdir=$(GRPO) --config.init_from=$(POST_SFT) --config.reward.function=parses_and_names
 	$(PY) -m train.posttrain --runs=sft=$(POST_SFT),dpo=$(DPO),ppo=$(PPO),grpo=$(GRPO) --reference=$(POST_SFT) --reward_model=$(RM) --split=test
 
+# Test files go to TEST_WORKERS processes, a file's tests together in one (its
+# module fixtures are built once), in the order tests/conftest.py gives: longest first.
+# TEST_WORKERS=0 runs them in this process, one after another.
+TEST_WORKERS ?= 2
 test: install-test
-	STRATA_LIBTPU_PATH=$(LIBTPU) $(PY) -m pytest -q tests
+	STRATA_LIBTPU_PATH=$(LIBTPU) $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder tests
 
 clean:
 	rm -rf $(VENV) runs *.egg-info
