@@ -66,11 +66,11 @@ posttrain: install
 	$(PY) -m train.posttrain --runs=sft=$(POST_SFT),dpo=$(DPO),ppo=$(PPO),grpo=$(GRPO) --reference=$(POST_SFT) --reward_model=$(RM) --split=test
 
 # Test files go to TEST_WORKERS processes, a file's tests together in one (its
-# module fixtures are built once), in the order tests/conftest.py gives: longest first.
+# module fixtures are built once).
 # TEST_WORKERS=0 runs them in this process, one after another.
 TEST_WORKERS ?= 2
 test: install-test
-	STRATA_LIBTPU_PATH=$(LIBTPU) $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder tests
+	STRATA_LIBTPU_PATH=$(LIBTPU) $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile tests
 
 clean:
 	rm -rf $(VENV) runs *.egg-info

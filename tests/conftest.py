@@ -40,25 +40,6 @@ def stdlib_tokenizer(tmp_path_factory) -> tok_lib.Tokenizer:
   return tok_lib.Tokenizer.load(tok_lib.train_tokenizer(texts, prefix, 600))
 
 
-# The files that take longest (`--durations` on 2 CPU cores, 2026-12-05), longest
-# first. They run first, so that under `make test` (pytest-xdist, whole files per
-# worker) no worker is still in a long file when the others have run out of
-# work. The rest keep pytest's order after them; a name not found here is
-# harmless: order only, no test depends on another.
-_LONGEST_FIRST = (
-    'test_local_launch.py', 'test_rl.py', 'test_reward_dpo.py', 'test_lora.py',
-    'test_refused_start.py', 'test_steps.py', 'test_sft.py', 'test_model.py', 'test_loop.py',
-    'test_init_loss.py', 'test_compile_tpu.py', 'test_console.py', 'test_colab.py',
-    'test_chunked_loss.py', 'test_scaling.py', 'test_copy_task.py', 'test_reshard_restore.py',
-    'test_host_memory.py', 'test_attention.py', 'test_preference_losses.py', 'test_evaluate.py',
-)
-
-
-def pytest_collection_modifyitems(items):
-  rank = {name: i for i, name in enumerate(_LONGEST_FIRST)}
-  items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: in-file order kept
-
-
 def pytest_sessionfinish(session, exitstatus):  # pylint: disable=unused-argument
   if _OWN_CACHE:
     shutil.rmtree(os.environ['JAX_COMPILATION_CACHE_DIR'], ignore_errors=True)
