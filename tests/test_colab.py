@@ -15,18 +15,35 @@ import sysconfig
 import nbformat
 from nbclient import NotebookClient
 
+from data_pipeline import split as split_lib
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NOTEBOOK = os.path.join(REPO, 'launch', 'colab.ipynb')
 
 
 def _small_corpus(directory: str, count: int = 40) -> None:
-  """Copies `count` mid-sized standard-library modules (real code, like the embedded corpus)."""
+  """Copies about `count` mid-sized standard-library modules (real code, like the embedded corpus).
+
+  A document's split is a hash of its id, `file:<path>`, and the path lies
+  under pytest's tmp_path, so which files land in validation and test changes
+  from run to run; with 40 files and 10% each, a split comes out empty in
+  about one run in fifty. More files are copied until each of the two holds at
+  least two, so the notebook's evaluation always has data.
+  """
   stdlib = sysconfig.get_paths()['stdlib']
   os.makedirs(directory)
   names = sorted(n for n in os.listdir(stdlib)
                  if n.endswith('.py') and 2_000 < os.path.getsize(os.path.join(stdlib, n)) < 30_000)
-  for name in names[:count]:
-    shutil.copy(os.path.join(stdlib, name), os.path.join(directory, name[:-3] + '.txt'))
+  held_out = {'validation': 0, 'test': 0}
+  for copied, name in enumerate(names):
+    if copied >= count and min(held_out.values()) >= 2:
+      break
+    target = os.path.join(directory, name[:-3] + '.txt')
+    shutil.copy(os.path.join(stdlib, name), target)
+    split = split_lib.assign_split(f'file:{target}', validation=0.1, test=0.1)
+    if split in held_out:
+      held_out[split] += 1
+  assert min(held_out.values()) >= 2, held_out
 
 
 def test_notebook_executes_end_to_end(tmp_path, monkeypatch):
