@@ -102,6 +102,26 @@ def progress_line(step: int, total: int | None, record: Mapping[str, Any],
   return ' | '.join(parts)
 
 
+
+def _import_tensorboardx() -> Any:
+  """tensorboardX, imported without PyTorch.
+
+  When torch is installed, tensorboardX imports it at once, only so that it can
+  accept torch tensors; that costs 2-3 s of every run's start, and we give it
+  numpy values and Python floats. Hiding torch during the import makes its
+  `try: import torch` fall back; a torch that is already imported is left alone,
+  and a later `import torch` works as usual.
+  """
+  hide = 'torch' not in sys.modules
+  if hide:
+    sys.modules['torch'] = None  # `import torch` now raises ImportError.
+  try:
+    import tensorboardX  # pylint: disable=g-import-not-at-top
+  finally:
+    if hide:
+      del sys.modules['torch']
+  return tensorboardX
+
 class MetricsWriter:
   """Writes metric records to metrics.jsonl, TensorBoard and the console."""
 
@@ -134,7 +154,7 @@ class MetricsWriter:
       self._tb = self._tensorboard_writer(start_step)
 
   def _tensorboard_writer(self, start_step: int) -> Any:
-    import tensorboardX  # pylint: disable=g-import-not-at-top
+    tensorboardX = _import_tensorboardx()
     from tensorboardX import record_writer  # pylint: disable=g-import-not-at-top
     target = os.fspath(epath.Path(self.workdir) / TENSORBOARD_DIR)
     logdir = target
