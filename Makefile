@@ -70,7 +70,7 @@ posttrain: install
 # TEST_WORKERS=0 runs them in this process, one after another.
 TEST_WORKERS ?= 2
 test: install-test
-	STRATA_LIBTPU_PATH=$(LIBTPU) $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile tests
+	STRATA_LIBTPU_PATH=$(LIBTPU) $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=25 tests
 
 clean:
 	rm -rf $(VENV) runs *.egg-info
