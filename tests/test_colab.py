@@ -19,6 +19,7 @@ from data_pipeline import split as split_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NOTEBOOK = os.path.join(REPO, 'launch', 'colab.ipynb')
+HELD_OUT = 0.1  # the notebook data's validation and test fractions
 
 
 def _small_corpus(directory: str, count: int = 40) -> None:
@@ -26,7 +27,7 @@ def _small_corpus(directory: str, count: int = 40) -> None:
 
   A document's split is a hash of its id, `file:<path>`, and the path lies
   under pytest's tmp_path, so which files land in validation and test changes
-  from run to run; with 40 files and 10% each, a split comes out empty in
+  from run to run; with 40 files and HELD_OUT (10%) each, a split comes out empty in
   about one run in fifty. More files are copied until each of the two holds at
   least two, so the notebook's evaluation always has data.
   """
@@ -40,7 +41,7 @@ def _small_corpus(directory: str, count: int = 40) -> None:
       break
     target = os.path.join(directory, name[:-3] + '.txt')
     shutil.copy(os.path.join(stdlib, name), target)
-    split = split_lib.assign_split(f'file:{target}', validation=0.1, test=0.1)
+    split = split_lib.assign_split(f'file:{target}', validation=HELD_OUT, test=HELD_OUT)
     if split in held_out:
       held_out[split] += 1
   assert min(held_out.values()) >= 2, held_out
@@ -53,7 +54,7 @@ def test_notebook_executes_end_to_end(tmp_path, monkeypatch):
       'STRATA_COLAB_INSTALL': 'skip',
       'STRATA_COLAB_STEPS': '3',
       'STRATA_COLAB_DATA': f'files,source.paths={corpus},tokenizer.vocab_size=512,'
-                           'split.validation=0.1,split.test=0.1,clean.strip_html=False',
+                           f'split.validation={HELD_OUT},split.test={HELD_OUT},clean.strip_html=False',
       'STRATA_COLAB_OVERRIDES': 'model.vocab_size=512,model.d_model=64,model.num_layers=2,'
                                 'model.num_heads=2,model.num_kv_heads=1,model.head_dim=32,'
                                 'model.mlp_dim=128,seq_len=64,model.max_len=64,batch_size=4,'

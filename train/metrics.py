@@ -102,7 +102,6 @@ def progress_line(step: int, total: int | None, record: Mapping[str, Any],
   return ' | '.join(parts)
 
 
-
 def _import_tensorboardx() -> Any:
   """tensorboardX, imported without PyTorch.
 
@@ -121,6 +120,7 @@ def _import_tensorboardx() -> Any:
     if hide:
       del sys.modules['torch']
   return tensorboardX
+
 
 class MetricsWriter:
   """Writes metric records to metrics.jsonl, TensorBoard and the console."""
