@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import subprocess
 import sys
 
@@ -213,3 +214,32 @@ def test_a_frozen_tree_is_passed_through_never_donated_or_changed(reference):
   # The params moved towards it: the pull term shrank.
   assert not np.allclose(jax.device_get(state.params['embed']['embedding']),
                          reference['init'].params['embed']['embedding'])
+
+
+def _library_fusions(step, state, batch) -> list[str]:
+  """The op names of the compiled step's YNNPACK fusions (XLA:CPU's library calls)."""
+  hlo = step.lower(state, batch).compile().as_text()
+  return re.findall(r'^\s+%\S+ = .*"kind":"__ynn_fusion".*$', hlo, re.M)
+
+
+def test_cpu_steps_compile_every_dot_as_a_library_call_of_its_own(reference, monkeypatch):
+  # By default XLA:CPU also fuses the reductions and elementwise ops next to a
+  # dot into its YNNPACK call (attention's softmax sums ran at ~8 GFLOP/s so);
+  # the steps ask for each dot alone on CPU, and for nothing elsewhere.
+  config, model, mesh, shardings = (reference[k] for k in ('config', 'model', 'mesh',
+                                                            'shardings'))
+  state = jax.device_put(reference['init'], shardings)
+  batch = check.make_batch(config)
+  rules = mesh_lib.logical_rules(config.mesh)
+  make = lambda: steps.make_train_step(config, model, mesh, shardings,
+                                       mesh_lib.batch_sharding(mesh, rules))
+  assert steps.compiler_options(mesh) == steps.CPU_COMPILER_OPTIONS
+  fused = _library_fusions(make(), state, batch)
+  assert fused and all('dot_general' in op.split('op_name=')[1].split(' ')[0] for op in fused)
+
+  monkeypatch.setattr(steps, 'CPU_COMPILER_OPTIONS', {})
+  default = _library_fusions(make(), state, batch)
+  assert any('reduce' in op.split('op_name=')[1].split(' ')[0] for op in default)
+
+  monkeypatch.setattr(steps, 'mesh_platform', lambda mesh: 'tpu')
+  assert steps.compiler_options(mesh) is None
