@@ -9,7 +9,9 @@ Prints one JSON object: step time (median of --steps timed steps after
 compilation and --warmup steps), tokens/s, model FLOPs per token
 (`model.config.flops_per_token`: 6N + attention), achieved model FLOP/s, and
 MFU against the peak (`train.mfu`: the vendor table on TPU/GPU, a measured
-float32 matmul on CPU). No dataset is needed.
+float32 matmul on CPU), with the XLA flags and the step's own compiler
+options (`train/steps.py`; on CPU each dot is its own library call). No
+dataset is needed.
 
 `--documents_per_row=K` packs K equal documents in each row (segment ids and
 positions as the loader gives them), which is what the attention cores'
@@ -126,7 +128,7 @@ def compiled_step(config, documents: int = 1):
     return times
 
   return run, {'model_cfg': model_cfg, 'mesh': mesh, 'compile_s': compile_s, 'holder': holder,
-               'hlo': compiled.as_text}
+               'hlo': compiled.as_text, 'compiler_options': train_step.compiler_options}
 
 
 def profile(run, info, num_steps: int, trace_dir: str | None = None) -> dict:
@@ -184,6 +186,7 @@ def benchmark(config, num_steps: int, warmup: int, run=None, info=None,
       'devices': f'{jax.device_count()} x {jax.devices()[0].device_kind}',
       'mesh': dict(mesh.shape),
       'xla_flags': os.environ.get('XLA_FLAGS', ''),
+      'compiler_options': info['compiler_options'] or {},  # train/steps.py, per platform
       'glibc_tunables': os.environ.get('GLIBC_TUNABLES', ''),  # train/host_memory.py
   }
   if profile_steps:

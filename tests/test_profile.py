@@ -10,6 +10,7 @@ import sys
 import pytest
 
 from benchmarks import profile
+from train.steps import CPU_COMPILER_OPTIONS
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -102,6 +103,7 @@ def test_a_real_step_profile_accounts_for_its_ops():
   report = json.loads(result.stdout.strip().splitlines()[-1])
   summary = report['profile']
   assert summary['steps'] == 2
+  assert report['compiler_options'] == CPU_COMPILER_OPTIONS  # what the step was compiled with
   total = sum(v['seconds_per_step'] for v in summary['by_category'].values())
   assert total == pytest.approx(summary['op_seconds_per_step'])
   assert 0 < summary['op_seconds_per_step'] < 10 * report['step_time_s']
