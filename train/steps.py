@@ -29,11 +29,11 @@ from train.state import TrainState
 
 Batch = objectives.Batch
 
-# XLA:CPU compiles every dot as its own YNNPACK call and leaves the elementwise
-# work around it to XLA's own fusions. By default YNNPACK also takes in the
-# elementwise ops and reductions next to a dot; in attention's gradient that
-# fuses attention's small batched dots with the softmax's row sums, which then
-# run at ~8 GFLOP/s, a tenth of a large matmul's rate. Measured on
+# On CPU the steps ask XLA to compile every dot as its own YNNPACK call and to
+# leave the elementwise work around it to XLA's own fusions. By default YNNPACK
+# also takes in the elementwise ops and reductions next to a dot; in attention's
+# gradient that fuses its small batched dots with the softmax's row sums, which
+# then run at ~8 GFLOP/s, a tenth of a large matmul's rate. Measured on
 # `bench_cpu` (README, Performance): attention forward+backward 212-258 ->
 # 151-205 ms a layer, the whole step 2-3% faster in paired, alternated runs
 # with either variant first; same loss to the last bit.
