@@ -64,8 +64,8 @@ from jax.sharding import PartitionSpec as P
 
 from model.config import ModelConfig
 from model.layers import matmul
-from model.platform import context_mesh, mesh_platform
-from model.rope import apply_rope, scaling_of
+from model.platform import context_mesh, current_platform, mesh_platform
+from model import rope
 
 # Large but finite, so a row with every key masked gives a finite (uniform)
 # softmax instead of NaN; the splash kernel uses the same value.
@@ -427,8 +427,13 @@ class Attention(nn.Module):
     if self.decode and positions_BT is None:
       positions_BT = (cache['cache_index'].value[:, None]
                       + jnp.arange(x_BTD.shape[1], dtype=jnp.int32))
-    q_BTNH = apply_rope(q_BTNH, positions_BT, cfg.rope_theta, scaling_of(cfg))
-    k_BTKH = apply_rope(k_BTKH, positions_BT, cfg.rope_theta, scaling_of(cfg))
+    # On CPU sin and cos come from a table over the positions the model can
+    # see (model/rope.py `sin_cos`); both rotations share them.
+    table_len = max(cfg.max_len, x_BTD.shape[1]) if current_platform() == 'cpu' else None
+    sin_BT1H, cos_BT1H = rope.sin_cos(positions_BT, h, cfg.rope_theta, rope.scaling_of(cfg),
+                                      table_len)
+    q_BTNH = rope.rotate(q_BTNH, sin_BT1H, cos_BT1H)
+    k_BTKH = rope.rotate(k_BTKH, sin_BT1H, cos_BT1H)
     q_BTNH = checkpoint_name(nn.with_logical_constraint(q_BTNH, BTNH), 'query_proj')
     k_BTKH = checkpoint_name(nn.with_logical_constraint(k_BTKH, BSKH), 'key_proj')
     v_BTKH = checkpoint_name(nn.with_logical_constraint(v_BTKH, BSKH), 'value_proj')

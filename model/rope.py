@@ -23,10 +23,12 @@ are kept; in between, inv_freq is interpolated linearly in r:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from model.config import ModelConfig
 
@@ -72,12 +74,60 @@ def rope_angles(positions_BL: jax.Array, head_dim: int, theta: float,
   return positions_BL.astype(jnp.float32)[..., None] * inv_freq
 
 
-def apply_rope(x_BLHK: jax.Array, positions_BL: jax.Array, theta: float,
-               scaling: Llama3Scaling | None = None) -> jax.Array:
-  """Rotates the last axis of `x_BLHK` [B, L, heads, head_dim] by its positions."""
-  angles_BLK = rope_angles(positions_BL, x_BLHK.shape[-1], theta, scaling)[:, :, None, :]
-  sin, cos = jnp.sin(angles_BLK), jnp.cos(angles_BLK)
+# The CPU path reads sin and cos from a table when it has at most this many
+# entries (8 MB of float32 each); longer contexts compute them per position.
+MAX_TABLE_ENTRIES = 1 << 21
+
+
+@functools.lru_cache(maxsize=32)
+def _sin_cos_table(table_len: int, head_dim: int, theta: float,
+                   scaling: Llama3Scaling | None) -> tuple[np.ndarray, np.ndarray]:
+  """sin and cos of `rope_angles` at positions 0..table_len-1, [table_len, head_dim/2].
+
+  Evaluated at trace time with the same jnp operations as the traced path,
+  so the table holds the values that path computes.
+  """
+  with jax.ensure_compile_time_eval():
+    angles = rope_angles(jnp.arange(table_len, dtype=jnp.int32)[None], head_dim, theta,
+                         scaling)[0]
+    return np.asarray(jnp.sin(angles)), np.asarray(jnp.cos(angles))
+
+
+def sin_cos(positions_BL: jax.Array, head_dim: int, theta: float,
+            scaling: Llama3Scaling | None = None, table_len: int | None = None,
+            ) -> tuple[jax.Array, jax.Array]:
+  """sin and cos of the angles, [B, L, 1, head_dim/2] float32 (broadcast over heads).
+
+  With `table_len` (the CPU path, model/attention.py) they are gathered from a
+  table of positions [0, table_len) made once at trace time, a constant of the
+  program. Computed in the step instead, XLA:CPU fuses sin and cos into each
+  of the fusions that rotate queries and keys, forward and backward, and
+  evaluates them again for every element of every head: 5% of a `bench_cpu`
+  train step (README, "Performance"). A position outside the table gives NaN,
+  never a wrong rotation. Without `table_len`, or for a table larger than
+  `MAX_TABLE_ENTRIES`, they are computed from the positions.
+  """
+  if table_len is not None and table_len * (head_dim // 2) <= MAX_TABLE_ENTRIES:
+    sin_TK, cos_TK = _sin_cos_table(int(table_len), head_dim, float(theta), scaling)
+    # Negative positions index from the end in jnp.take; send them to the fill value too.
+    index_BL = jnp.where(positions_BL < 0, table_len, positions_BL)
+    sin_BLK, cos_BLK = (jnp.take(jnp.asarray(t), index_BL, axis=0, mode='fill',
+                                 fill_value=jnp.nan) for t in (sin_TK, cos_TK))
+  else:
+    angles_BLK = rope_angles(positions_BL, head_dim, theta, scaling)
+    sin_BLK, cos_BLK = jnp.sin(angles_BLK), jnp.cos(angles_BLK)
+  return sin_BLK[:, :, None, :], cos_BLK[:, :, None, :]
+
+
+def rotate(x_BLHK: jax.Array, sin_BL1K: jax.Array, cos_BL1K: jax.Array) -> jax.Array:
+  """Rotates the last axis of `x_BLHK` [B, L, heads, head_dim] by `sin_cos`'s angles."""
   # float32 for the rotation: bfloat16 angles lose the position at long contexts.
   x1, x2 = jnp.split(x_BLHK.astype(jnp.float32), 2, axis=-1)
-  out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+  out = jnp.concatenate([x1 * cos_BL1K - x2 * sin_BL1K, x2 * cos_BL1K + x1 * sin_BL1K], axis=-1)
   return out.astype(x_BLHK.dtype)
+
+
+def apply_rope(x_BLHK: jax.Array, positions_BL: jax.Array, theta: float,
+               scaling: Llama3Scaling | None = None, table_len: int | None = None) -> jax.Array:
+  """Rotates the last axis of `x_BLHK` [B, L, heads, head_dim] by its positions."""
+  return rotate(x_BLHK, *sin_cos(positions_BL, x_BLHK.shape[-1], theta, scaling, table_len))

@@ -17,6 +17,7 @@ import pytest
 
 from model import attention
 from model.config import ModelConfig
+from model import rope
 from model.rope import apply_rope
 from model.transformer import Transformer
 
@@ -64,6 +65,38 @@ def test_rope_depends_only_on_position_difference():
   # A rotation keeps the norm.
   np.testing.assert_allclose(jnp.linalg.norm(_apply_rope(q, jnp.array([[7]]), 10000.0)),
                              jnp.linalg.norm(q), rtol=1e-5)
+
+
+@pytest.mark.parametrize('scaling', [None, rope.Llama3Scaling(8.0, 1.0, 4.0, 64)])
+def test_rope_table_equals_the_computed_rotation(scaling):
+  # The CPU path gathers sin and cos from a table made at trace time; it must
+  # give the values the computed path gives, at every position it covers, and
+  # NaN (never a wrong rotation) outside it.
+  head_dim, table_len = 16, 300
+  positions = jnp.array([[0, 1, 7, 255, 299, 3], [5, 4, 3, 2, 1, 0]])
+  x = jnp.asarray(np.random.default_rng(3).standard_normal((2, 6, 3, head_dim)), jnp.float32)
+  computed = jax.jit(lambda x, p: rope.apply_rope(x, p, 500000.0, scaling))(x, positions)
+  table = jax.jit(lambda x, p: rope.apply_rope(x, p, 500000.0, scaling, table_len))(x, positions)
+  # Against the rotation in float64 at the same float32 angles: the table (sin
+  # and cos evaluated alone) is within 2e-7; XLA's sin and cos fused into the
+  # rotation lose up to ~1.5e-5 at angles of a few hundred radians.
+  inv_freq = np.asarray(rope.inverse_frequencies(head_dim, 500000.0, scaling))
+  angles = (np.asarray(positions, np.float32)[..., None] * inv_freq)[:, :, None, :]
+  sin, cos = np.sin(angles.astype(np.float64)), np.cos(angles.astype(np.float64))
+  x1, x2 = np.split(np.asarray(x, np.float64), 2, axis=-1)
+  exact = np.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+  np.testing.assert_allclose(table, exact, rtol=0, atol=1e-6)
+  np.testing.assert_allclose(computed, exact, rtol=0, atol=1e-4)
+  # ...and it is a real rotation (not the identity, which would also pass the above at 0).
+  assert float(jnp.max(jnp.abs(table[0, 2] - x[0, 2]))) > 0.1
+  sin, cos = rope.sin_cos(jnp.array([[-1, 0, table_len, table_len - 1]]), head_dim, 10000.0,
+                          table_len=table_len)
+  assert np.isnan(np.asarray(sin)[0, [0, 2]]).all() and np.isnan(np.asarray(cos)[0, [0, 2]]).all()
+  assert np.isfinite(np.asarray(sin)[0, [1, 3]]).all()
+  # Beyond MAX_TABLE_ENTRIES the positions are computed, whatever table_len says.
+  huge = rope.MAX_TABLE_ENTRIES  # entries = huge * head_dim / 2 > the limit
+  sin, _ = rope.sin_cos(jnp.array([[huge + 5]]), head_dim, 10000.0, table_len=huge)
+  assert np.isfinite(np.asarray(sin)).all()
 
 
 def test_gqa_with_all_kv_heads_equals_multi_head_attention():

@@ -15,6 +15,7 @@ import pytest
 
 import sharded_step_check as check
 from configs import pretrain
+from model import attention
 from model.config import ModelConfig, num_params
 from model.transformer import Transformer
 from train import losses
@@ -227,6 +228,29 @@ def _library_fusions(step, state, batch) -> list[str]:
     match = re.search(r'op_name="([^"]*)"', line)
     names.append(match.group(1) if match else '')
   return names
+
+
+def test_cpu_train_step_reads_rope_from_a_table_not_sin_and_cos(reference, monkeypatch):
+  # Computed in the step, sin and cos are fused into every rotation of the
+  # queries and keys, forward and backward, and evaluated per element and
+  # head (5% of a bench_cpu step); on CPU they come from a table instead.
+  config, model, mesh, shardings = (reference[k] for k in ('config', 'model', 'mesh',
+                                                            'shardings'))
+  state = jax.device_put(reference['init'], shardings)
+  batch = check.make_batch(config)
+  rules = mesh_lib.logical_rules(config.mesh)
+
+  def transcendentals():
+    step = steps.make_train_step(config, model, mesh, shardings,
+                                 mesh_lib.batch_sharding(mesh, rules))
+    hlo = step.lower(state, batch).compile().as_text()
+    # Per-element ones: the learning-rate schedule's cosine is a scalar, f32[].
+    return len(re.findall(r'= f32\[\d[^\]]*\]\S* (?:sine|cosine)\(', hlo))
+
+  assert transcendentals() == 0
+  # The computed path (what TPU/GPU trace) has them: the check can see them.
+  monkeypatch.setattr(attention, 'current_platform', lambda: 'tpu')
+  assert transcendentals() > 0
 
 
 def test_cpu_steps_compile_every_dot_as_a_library_call_of_its_own(reference, monkeypatch):
