@@ -29,15 +29,18 @@ from train.state import TrainState
 
 Batch = objectives.Batch
 
-# On CPU the steps ask XLA to compile every dot as its own YNNPACK call and to
-# leave the elementwise work around it to XLA's own fusions. By default YNNPACK
-# also takes in the elementwise ops and reductions next to a dot; in attention's
-# gradient that fuses its small batched dots with the softmax's row sums, which
-# then run at ~8 GFLOP/s, a tenth of a large matmul's rate. Measured on
-# `bench_cpu` (README, Performance): attention forward+backward 212-258 ->
-# 151-205 ms a layer, the whole step 2-3% faster in paired, alternated runs
-# with either variant first; same loss to the last bit.
-CPU_COMPILER_OPTIONS = {'xla_cpu_experimental_ynn_fusion_type': 'LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT'}
+# On CPU the steps ask XLA for no YNNPACK library fusions: every dot is XLA's
+# own dot kernel (its DotThunk) and the elementwise work and reductions are its
+# own fusions. By default YNNPACK also takes in the elementwise ops and
+# reductions next to a dot; in attention's gradient that fused its small
+# batched dots with the softmax's row sums, which then ran at ~8 GFLOP/s.
+# Measured on `bench_cpu` (README, Performance), each time in paired,
+# alternated runs in one process: one YNNPACK call per dot
+# ('LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT') was 2-3% faster than the default,
+# and no library fusion at all 3% faster again (paired 0.976, 0.971, 0.971;
+# `tiny` 0.957); XLA's dot kernel is also faster alone at the step's smaller
+# shapes (173 against 158 GFLOP/s for [4096, 384] x [384, 384]).
+CPU_COMPILER_OPTIONS = {'xla_cpu_experimental_ynn_fusion_type': ''}
 
 
 def compiler_options(mesh: jax.sharding.Mesh) -> dict[str, str] | None:
