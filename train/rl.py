@@ -227,8 +227,9 @@ def make_update(config, model, mesh, tx, shardings: RLState):
                                 value_params=value_params, value_opt_state=value_opt_state)
       return new_state, {f'train/{k}': jnp.mean(v) for k, v in metrics.items()}
 
+  # Compiled like the other stages' train steps (on CPU: no library fusions).
   return jax.jit(update, out_shardings=(shardings, mesh_lib.replicated(mesh)),
-                 donate_argnums=(0,))
+                 donate_argnums=(0,), compiler_options=steps_lib.compiler_options(mesh))
 
 
 # ----------------------------------------------------------- advantages (PPO)
@@ -285,7 +286,7 @@ class Iteration:
       def wrapped(*args):
         with steps_lib.sharding_context(self.mesh, rules):
           return fn(*args)
-      return jax.jit(wrapped)
+      return jax.jit(wrapped, compiler_options=steps_lib.compiler_options(self.mesh))
 
     self._rows = jax.jit(functools.partial(rollouts.make_rows, pad_id=self.pad_id))
     self._logprobs = under_mesh(lambda p, rows, t: rollouts.token_logprobs(model, p, rows, t)[0])
