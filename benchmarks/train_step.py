@@ -10,7 +10,7 @@ compilation and --warmup steps), tokens/s, model FLOPs per token
 (`model.config.flops_per_token`: 6N + attention), achieved model FLOP/s, and
 MFU against the peak (`train.mfu`: the vendor table on TPU/GPU, a measured
 float32 matmul on CPU), with the XLA flags and the step's own compiler
-options (`train/steps.py`; on CPU each dot is its own library call). No
+options (`train/steps.py`; on CPU: no YNNPACK library fusions). No
 dataset is needed.
 
 `--documents_per_row=K` packs K equal documents in each row (segment ids and

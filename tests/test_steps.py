@@ -217,12 +217,22 @@ def test_a_frozen_tree_is_passed_through_never_donated_or_changed(reference):
                          reference['init'].params['embed']['embedding'])
 
 
-def _library_fusions(step, state, batch) -> list[str]:
+def _train_step_hlo(reference) -> str:
+  """The optimized HLO of the reference train step, made and compiled afresh
+  (so a monkeypatched option or platform takes effect)."""
+  config, model, mesh, shardings = (reference[k] for k in ('config', 'model', 'mesh',
+                                                            'shardings'))
+  step = steps.make_train_step(config, model, mesh, shardings,
+                               mesh_lib.batch_sharding(mesh, mesh_lib.logical_rules(config.mesh)))
+  state = jax.device_put(reference['init'], shardings)
+  return step.lower(state, check.make_batch(config)).compile().as_text()
+
+
+def _library_fusions(hlo: str) -> list[str]:
   """The op names of the compiled step's YNNPACK fusions (XLA:CPU's library calls).
 
   A fusion without an op name gives '' (which no assertion below accepts).
   """
-  hlo = step.lower(state, batch).compile().as_text()
   names = []
   for line in re.findall(r'^\s+%\S+ = .*"kind":"__ynn_fusion".*$', hlo, re.M):
     match = re.search(r'op_name="([^"]*)"', line)
@@ -233,19 +243,10 @@ def _library_fusions(step, state, batch) -> list[str]:
 def test_cpu_train_step_reads_rope_from_a_table_not_sin_and_cos(reference, monkeypatch):
   # Computed in the step, sin and cos are fused into every rotation of the
   # queries and keys, forward and backward, and evaluated per element and
-  # head (5% of a bench_cpu step); on CPU they come from a table instead.
-  config, model, mesh, shardings = (reference[k] for k in ('config', 'model', 'mesh',
-                                                            'shardings'))
-  state = jax.device_put(reference['init'], shardings)
-  batch = check.make_batch(config)
-  rules = mesh_lib.logical_rules(config.mesh)
-
+  # head (3-5% of a bench_cpu step); on CPU they come from a table instead.
   def transcendentals():
-    step = steps.make_train_step(config, model, mesh, shardings,
-                                 mesh_lib.batch_sharding(mesh, rules))
-    hlo = step.lower(state, batch).compile().as_text()
     # Per-element ones: the learning-rate schedule's cosine is a scalar, f32[].
-    return len(re.findall(r'= f32\[\d[^\]]*\]\S* (?:sine|cosine)\(', hlo))
+    return len(re.findall(r'= f32\[\d[^\]]*\]\S* (?:sine|cosine)\(', _train_step_hlo(reference)))
 
   assert transcendentals() == 0
   # The computed path (what TPU/GPU trace) has them: the check can see them.
@@ -257,19 +258,13 @@ def test_cpu_steps_compile_no_library_fusions(reference, monkeypatch):
   # By default XLA:CPU hands dots, with the reductions and elementwise ops
   # next to them, to YNNPACK (attention's softmax sums ran at ~8 GFLOP/s so);
   # the steps ask for XLA's own dots and fusions on CPU, and for nothing elsewhere.
-  config, model, mesh, shardings = (reference[k] for k in ('config', 'model', 'mesh',
-                                                            'shardings'))
-  state = jax.device_put(reference['init'], shardings)
-  batch = check.make_batch(config)
-  rules = mesh_lib.logical_rules(config.mesh)
-  make = lambda: steps.make_train_step(config, model, mesh, shardings,
-                                       mesh_lib.batch_sharding(mesh, rules))
+  mesh = reference['mesh']
   assert steps.compiler_options(mesh) == steps.CPU_COMPILER_OPTIONS
-  assert _library_fusions(make(), state, batch) == []
+  assert _library_fusions(_train_step_hlo(reference)) == []
 
   # XLA's default, which the option turns off: library fusions, some with a reduction.
   monkeypatch.setattr(steps, 'CPU_COMPILER_OPTIONS', {})
-  default = _library_fusions(make(), state, batch)
+  default = _library_fusions(_train_step_hlo(reference))
   assert any('reduce' in op for op in default)
 
   monkeypatch.setattr(steps, 'mesh_platform', lambda mesh: 'tpu')
