@@ -5,9 +5,12 @@ the current token and predict what followed it) is what lets a model write the
 function name its prompt asked for. Language models grow it only after far
 more tokens than a CPU run sees: `tiny` after 2M or 8M tokens of code does not
 copy at all (README, "Preferences"), so every stage after it that needs a
-look-back has nothing to build on. A small share of rows that can only be
-predicted by copying teaches it within a few hundred steps (the mechanism is
-the one of tests/test_model.py::test_learns_to_copy_a_repeated_random_sequence).
+look-back has nothing to build on. These rows can only be predicted by
+copying, and since x's length varies the copy must be found by content, not
+at a fixed offset: the hope was that they teach it early. Measured on `tiny`,
+they did not within a CPU budget (README, "Preferences": 450 steps at a
+quarter of the rows, 300 at all of them); a fixed offset, which a positional
+head solves, is learnt in ~150 steps.
 
 Each copy row packs documents [BOS] x x [EOS], x a uniform draw of
 `min_len..max_len` ordinary token ids, with `segment_ids`/`positions` like the

@@ -315,14 +315,16 @@ def test_config_validation_and_from_config():
 
 
 def test_learns_to_copy_a_repeated_random_sequence():
-  """Content-based retrieval, learnt: the second half of each row repeats the first.
+  """Retrieval from the context, learnt: the second half of each row repeats the first.
 
   The first half is uniform noise (nothing to learn: its loss stays at
-  ln V), the second half is predictable only by attending back to the
-  token after the previous occurrence of the current one (an induction
-  head: two layers, RoPE, the causal mask and the attention's gradient
-  all have to be right). A 2-layer model learns it in ~250 Adam steps
-  (the pre-trained `tiny` runs do not copy: README, preferences).
+  ln V); the second half is predictable only by attending back to the
+  position half a row earlier and copying its token. A 2-layer model learns
+  it in ~250 Adam steps, which needs RoPE's relative positions, the causal
+  mask and the attention's gradient to be right. The offset is the same in
+  every row, so a positional head suffices: this is not an induction head
+  (matching the current token's earlier occurrence), which `tiny` did not
+  learn in 250 steps of repeats at varying offsets (README, preferences).
   """
   vocab, length, batch, steps = 64, 128, 16, 400  # two attention blocks
   cfg = ModelConfig(vocab_size=vocab, d_model=64, num_layers=2, num_heads=4, num_kv_heads=2,
