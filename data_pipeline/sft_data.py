@@ -46,7 +46,7 @@ def read_prompts(workdir: str, split: str) -> list[dict[str, Any]]:
   path = prompts_file(workdir, split)
   if not os.path.exists(path):
     raise UserError(f'{path} does not exist: {workdir} is not an SFT data workdir (built by '
-                    '`python -m train.sft`), or it has no {split} split.')
+                    f'`python -m train.sft`), or it has no {split} split.')
   with open(path, encoding='utf-8') as f:
     return [json.loads(line) for line in f if line.strip()]
 

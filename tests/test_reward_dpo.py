@@ -25,9 +25,11 @@ from data_pipeline import shards
 from model import config as model_config_lib
 from model import transformer
 from train import dpo
+from train import evaluate
 from train import objectives
 from train import pretrain
 from train import reward
+from train import run_dir
 from train import score
 from train import stage as stage_lib
 
@@ -286,3 +288,50 @@ def test_dpo_config_checks():
     for preset in module.PRESETS:
       config = module.get_config(f'{preset},init_from=x,data.paths=x')
       module.validate(config)
+
+
+def test_posttrain_table_measures_a_dpo_run_on_the_sft_data(setup, tmp_path):
+  """`train.posttrain` scores every run on one SFT data split: a DPO run's own
+  data.workdir holds preference pairs, which have no prompts file to read."""
+  from data_pipeline import sft_data  # pylint: disable=g-import-not-at-top
+  from train import posttrain  # pylint: disable=g-import-not-at-top
+  # SFT data whose held-out prompts name the function asked for, as the embedded default's do.
+  jsonl = tmp_path / 'sft.jsonl'
+  jsonl.write_text(''.join(json.dumps({'prompt': f'Write f{i}.',
+                                       'completion': f'def f{i}(x):\n    return x + {i}'}) + '\n'
+                           for i in range(40)))
+  sft_dir = str(tmp_path / 'sft_data')
+  sft_data.prepare(sft_dir, setup['tokenizer'], source='files', paths=str(jsonl), seq_len=128,
+                   validation=0.25, test=0.0)
+  prompts = sft_data.prompts_file(sft_dir, 'validation')
+  records = [json.loads(l) for l in open(prompts)]
+  for r in records:
+    r['function_name'] = r['messages'][0]['content'][len('Write '):-1]
+  open(prompts, 'w').write(''.join(json.dumps(r) + '\n' for r in records))
+
+  dpo_dir = str(tmp_path / 'dpo')
+  stage_lib.run(dpo.STAGE, _config(dpo_config, setup, num_train_steps=1, eval_every=0), dpo_dir)
+  runs = [('dpo', dpo_dir), ('lm', setup['lm'])]
+  # By default the held-out data is the reference run's, else the first run's.
+  assert posttrain.held_out_data(runs, setup['lm'], None) == run_dir.load_config(
+      setup['lm']).data.workdir
+  assert posttrain.held_out_data(runs, None, None) == str(setup['root'] / 'pref_data')
+  assert posttrain.held_out_data(runs, setup['lm'], sft_dir) == sft_dir
+  reference = run_dir.open_run(setup['lm'])[2]
+  row = posttrain.stage_row(dpo_dir, reference, None, data_dir=sft_dir, split='validation',
+                            max_new_tokens=8, limit=None)
+  expected_loss = evaluate.evaluate_split(*_open(dpo_dir), data_dir=sft_dir, split='validation',
+                                          progress=False)['loss']
+  np.testing.assert_allclose(row['response_loss'], expected_loss, rtol=1e-6)
+  assert np.isfinite(expected_loss)
+  assert 0 <= row['parse_rate'] <= 1 and 0 <= row['parse_and_name_rate'] <= row['parse_rate']
+  assert np.isfinite(row['kl_to_reference']) and row['rm_score'] is None
+  # Preference data has no prompts: a one-line error names what to give instead.
+  with pytest.raises(UserError, match='is not an SFT data workdir .* no validation split'):
+    posttrain.stage_row(dpo_dir, None, None, data_dir=str(setup['root'] / 'pref_data'),
+                        split='validation', max_new_tokens=8, limit=None)
+
+
+def _open(workdir):
+  config, model, params, _, mesh = run_dir.open_run(workdir)
+  return config, model, params, mesh

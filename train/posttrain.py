@@ -3,8 +3,11 @@
   python -m train.posttrain --runs=sft=runs/sft,dpo=runs/dpo,ppo=runs/ppo,grpo=runs/grpo \\
       --reference=runs/sft --reward_model=runs/rm --split=test
 
-For each run, on the held-out prompts of `--split` (the SFT data's
-prompts_<split>.jsonl; generated code is parsed, never run):
+Every row is measured on the same held-out data: `--split` of the SFT data
+workdir `--data_dir`, by default the `--reference` run's data (else the first
+run's). A DPO run's own data is preference pairs, an RL run's only prompts,
+so neither is used for its row. On that split's prompts (prompts_<split>.jsonl;
+generated code is parsed, never run):
 
   response_loss        the held-out response loss (train.evaluate's loss on
                        the SFT data's split);
@@ -67,15 +70,26 @@ def _generate(model, params, prompts, tokenizer, mesh, rules, *, max_new_tokens,
   return out, rows
 
 
-def stage_row(workdir: str, reference, reward_model, *, split: str, max_new_tokens: int,
-              limit: int | None) -> dict[str, Any]:
+def held_out_data(runs: Sequence[tuple[str, str]], reference: str | None,
+                  data_dir: str | None) -> str:
+  """The SFT data workdir every row is measured on: `data_dir`, else the reference
+  run's (the SFT run the others started from), else the first run's."""
+  if data_dir:
+    return data_dir
+  return run_dir.load_config(reference or runs[0][1]).data.workdir
+
+
+def stage_row(workdir: str, reference, reward_model, *, data_dir: str, split: str,
+              max_new_tokens: int, limit: int | None) -> dict[str, Any]:
   config, model, params, tokenizer, mesh = run_dir.open_run(workdir)
   rules = mesh_lib.logical_rules(config.mesh)
-  data_dir = config.data.workdir
+  records = [p for p in sft_data.read_prompts(data_dir, split) if p.get('function_name')]
+  if not records:
+    raise cli.UserError(f'{data_dir} has no {split} instruction with a function name to '
+                        'check; give --data_dir an SFT data workdir of the embedded default.')
+  records = records[:limit] if limit else records
   loss = evaluate_lib.evaluate_split(config, model, params, mesh, data_dir=data_dir, split=split,
                                      progress=False)['loss']
-  records = [p for p in sft_data.read_prompts(data_dir, split) if p.get('function_name')]
-  records = records[:limit] if limit else records
   prompts = [chat.render_prompt(tokenizer, r['messages']).tolist() for r in records]
   new = min(max_new_tokens, model.config.max_len - max(len(p) for p in prompts) - 16)
   out, rows = _generate(model, params, prompts, tokenizer, mesh, rules, max_new_tokens=new,
@@ -126,10 +140,13 @@ def main(argv: Sequence[str]) -> None:
     reward_model = rewards_lib.load_reward_model(FLAGS.reward_model, mesh,
                                                  mesh_lib.logical_rules(config.mesh),
                                                  key='--reward_model')
+  data_dir = held_out_data(runs, FLAGS.reference, FLAGS.data_dir)
+  print(f'Held-out data: the {FLAGS.split} split of {data_dir}', flush=True)
   rows = []
   for name, workdir in runs:
-    rows.append((name, stage_row(workdir, reference, reward_model, split=FLAGS.split,
-                                 max_new_tokens=FLAGS.max_new_tokens, limit=FLAGS.limit)))
+    rows.append((name, stage_row(workdir, reference, reward_model, data_dir=data_dir,
+                                 split=FLAGS.split, max_new_tokens=FLAGS.max_new_tokens,
+                                 limit=FLAGS.limit)))
     print(f'{name}: {json.dumps(rows[-1][1])}', flush=True)
   print(table(rows))
   if FLAGS.output:
@@ -142,6 +159,8 @@ if __name__ == '__main__':
   flags.DEFINE_string('reference', None, 'The run KL is measured to (the SFT run).')
   flags.DEFINE_string('reward_model', None, 'A reward-model run to score the answers.')
   flags.DEFINE_string('split', 'test', 'Held-out split of the SFT data.')
+  flags.DEFINE_string('data_dir', None, 'The SFT data workdir every row is measured on '
+                      '(default: the --reference run\'s data.workdir, else the first run\'s).')
   flags.DEFINE_integer('max_new_tokens', 160, 'Tokens per answer at most.')
   flags.DEFINE_integer('limit', None, 'Score only the first N prompts.')
   flags.DEFINE_string('output', None, 'Also write the rows as JSON here.')
