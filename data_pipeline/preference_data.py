@@ -9,7 +9,8 @@ formats in data_pipeline/preferences.py):
                                `preferences.FIELDS` (layout: data_pipeline/preferences.py)
   pairs_<split>.jsonl          per pair: id, prompt messages, chosen, rejected, margin,
                                kind, function_name (what `train.score --pairs` reads)
-  preference_report.json       what was kept, why the rest was dropped, pairs per kind
+  preference_report.json       what was kept, why the rest was dropped, pairs per kind,
+                               `kind_names` (what the `kind` field's numbers 1, 2, ... name)
   DONE                         JSON: the settings it was built with
 
 The embedded default: the SFT instruction set (data_pipeline/stdlib_instructions.py,
@@ -136,9 +137,36 @@ def _file_pairs(paths: str, validation: float, test: float, report: instructions
   return out
 
 
+def kind_names(workdir: str) -> tuple[str, ...]:
+  """The kinds a preference data workdir's `kind` field numbers (1, 2, ...), in order.
+
+  Empty when its pairs have no kind, or the data was built before the field.
+  Stages read it to report accuracy per kind while training (train/objectives.py).
+  """
+  path = os.path.join(workdir, REPORT)
+  if not os.path.exists(path):
+    return ()
+  with open(path, encoding='utf-8') as f:
+    return tuple(json.load(f).get('kind_names', ()))
+
+
+def _kind_names(pairs: dict[str, list[dict[str, Any]]], order: tuple[str, ...]
+                ) -> tuple[str, ...]:
+  """The kinds of `pairs`: those of `order` first, in its order, then the others sorted."""
+  seen = {pair['kind'] for split_pairs in pairs.values() for pair in split_pairs
+          if pair.get('kind')}
+  return tuple(k for k in order if k in seen) + tuple(sorted(seen - set(order)))
+
+
 def _render(tokenizer, pairs: dict[str, list[dict[str, Any]]], seq_len: int,
-            report: instructions.Report) -> dict[str, list[tuple[dict, dict]]]:
-  """(pair, its fields) per split, the pairs that fit `seq_len`."""
+            report: instructions.Report, kind_order: tuple[str, ...] = ()
+            ) -> dict[str, list[tuple[dict, dict]]]:
+  """(pair, its fields) per split, the pairs that fit `seq_len`.
+
+  kind_order: the kinds numbered first (the embedded default's, as configured).
+  """
+  names = _kind_names(pairs, kind_order)
+  kind_ids = {name: i for i, name in enumerate(names, 1)}
   out = {}
   kinds: dict[str, collections.Counter] = {}
   for split, split_pairs in pairs.items():
@@ -147,7 +175,8 @@ def _render(tokenizer, pairs: dict[str, list[dict[str, Any]]], seq_len: int,
     for pair in split_pairs:
       where = pair.get('where', pair['id'])
       try:
-        fields = preferences.render_pair(tokenizer, pair)
+        fields = preferences.render_pair(tokenizer, pair,
+                                         kind_ids.get(pair.get('kind') or '', 0))
       except chat.ChatFormatError as e:
         report.skip(e.reason, where, e.detail)
         continue
@@ -169,6 +198,7 @@ def _render(tokenizer, pairs: dict[str, list[dict[str, Any]]], seq_len: int,
               'rejected_tokens': int(sum(f['rejected_mask'].sum() for _, f in kept))}
       for split, kept in out.items()}
   report.details['kinds'] = {split: dict(sorted(c.items())) for split, c in kinds.items()}
+  report.details['kind_names'] = list(names)
   return out
 
 
@@ -207,7 +237,8 @@ def prepare(workdir: str, tokenizer_path: str, *, source: str = 'stdlib', paths:
     pairs = _stdlib_pairs(tokenizer, seq_len, validation, test, tuple(kinds), report)
   else:
     pairs = _file_pairs(paths, validation, test, report)
-  rendered = _render(tokenizer, pairs, seq_len, report)
+  rendered = _render(tokenizer, pairs, seq_len, report,
+                     tuple(kinds) if source == 'stdlib' else ())
   result = report.to_dict()
   if not rendered.get('train'):
     raise UserError(f'No preference pair in the train split ({result["kept"]} kept of '

@@ -15,7 +15,7 @@ permutation of 0..n-1) and expands to all n(n-1)/2 ordered pairs, each better
 response chosen over each worse one. "margin" (a number, default 0) is how
 much better the chosen one is: the reward model's loss wants
 r_chosen - r_rejected above it. "kind" names a category for per-kind
-accuracy (`train.score`).
+accuracy (`train.score`, and the reward model's and DPO's metrics).
 
 A record that cannot be used raises `chat.ChatFormatError` whose `reason`
 the caller counts: missing_field, wrong_type, identical_responses,
@@ -37,6 +37,8 @@ per-token fields of length T = max(len(chosen), len(rejected)):
   chosen_mask    1 on the chosen answer's tokens and its <|end|>
   rejected_mask  1 on the rejected answer's tokens and its <|end|>
   margin         the pair's margin in thousandths (the same value on every token)
+  kind           the pair's kind as a number, 1 + its index in the dataset's kind
+                 names (`preference_data.kind_names`), 0 for none (every token)
 
 Both rows share the document's `segment_ids`/`positions` once packed, so
 chosen and rejected are two forward passes over one packing (they can never
@@ -60,7 +62,7 @@ import numpy as np
 from data_pipeline import chat
 
 KINDS = ('syntax', 'truncated', 'renamed', 'wrong_body', 'shuffled')
-FIELDS = ('rejected', 'chosen_mask', 'rejected_mask', 'margin')
+FIELDS = ('rejected', 'chosen_mask', 'rejected_mask', 'margin', 'kind')
 MARGIN_SCALE = 1000  # `margin` is stored in thousandths (fields are ints).
 PAD_ID = 0
 
@@ -181,8 +183,12 @@ def render_response(tokenizer: chat.ChatTokenizer, prompt_ids: np.ndarray,
   return tokens.astype(np.int32), mask
 
 
-def render_pair(tokenizer: chat.ChatTokenizer, pair: Pair) -> dict[str, np.ndarray]:
-  """The aligned fields of one pair (the module docstring's layout), right-padded to one length."""
+def render_pair(tokenizer: chat.ChatTokenizer, pair: Pair, kind_id: int = 0
+                ) -> dict[str, np.ndarray]:
+  """The aligned fields of one pair (the module docstring's layout), right-padded to one length.
+
+  kind_id: the number the `kind` field holds (0: no kind).
+  """
   prompt_ids = chat.render_prompt(tokenizer, pair['prompt'])
   chosen, chosen_mask = render_response(tokenizer, prompt_ids, pair['prompt'], pair['chosen'])
   rejected, rejected_mask = render_response(tokenizer, prompt_ids, pair['prompt'],
@@ -193,6 +199,7 @@ def render_pair(tokenizer: chat.ChatTokenizer, pair: Pair) -> dict[str, np.ndarr
       'tokens': pad(chosen, PAD_ID), 'rejected': pad(rejected, PAD_ID),
       'chosen_mask': pad(chosen_mask), 'rejected_mask': pad(rejected_mask),
       'margin': np.full(length, int(round(pair.get('margin', 0.0) * MARGIN_SCALE)), np.int32),
+      'kind': np.full(length, kind_id, np.int32),
       'prompt_length': len(prompt_ids),
   }
 

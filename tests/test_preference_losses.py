@@ -15,6 +15,7 @@ from model import config as model_config_lib
 from train import losses
 from train import objectives
 from train import reward
+from train import steps
 
 # -log σ(x) at the points used below.
 NLS = {1.0: 0.313261688, -1.0: 1.313261688, 0.5: 0.474076984, 0.2: 0.598138869,
@@ -166,3 +167,38 @@ def test_packed_pairs_score_as_if_alone():
 def _tiny_lm(model):
   from model import transformer  # pylint: disable=g-import-not-at-top
   return transformer.Transformer(model.config)
+
+
+def test_accuracy_per_kind_by_hand():
+  """Per-kind sums read each pair's kind at its response, and evaluation divides
+  each by its own kind's count (steps.evaluate_batches), leaving out a kind
+  with no pair in the split."""
+  # Row 0 packs pairs 1 and 2 (kinds 1 and 2), row 1 holds pair 3 (kind 1),
+  # then padding, which must count for no kind.
+  segment_ids = jnp.array([[1, 1, 1, 2, 2, 2], [1, 1, 1, 1, 0, 0]])
+  chosen_mask = jnp.array([[0, 1, 1, 0, 0, 1], [0, 0, 1, 1, 0, 0]])
+  kind = jnp.array([[1, 1, 1, 2, 2, 2], [1, 1, 1, 1, 0, 0]])
+  batch = {'segment_ids': segment_ids, 'chosen_mask': chosen_mask, 'kind': kind,
+           'rejected_mask': chosen_mask}
+  weights_P = objectives.pair_weights(batch)
+  # Pair slots are row * 6 + segment: pairs 1, 2 at slots 1, 2; pair 3 at slot 7.
+  correct_P = jnp.zeros(12).at[1].set(1.0).at[2].set(0.0).at[7].set(1.0)
+  sums = objectives.per_kind_accuracy(correct_P, weights_P, batch, ('syntax', 'renamed', 'x'))
+  assert {k: float(v) for k, v in sums.items()} == {
+      'accuracy/syntax': 2.0, 'count/syntax': 2.0, 'accuracy/renamed': 0.0,
+      'count/renamed': 1.0, 'accuracy/x': 0.0, 'count/x': 0.0}
+  assert objectives.per_kind_accuracy(correct_P, weights_P, batch, ()) == {}
+  no_kind = {k: v for k, v in batch.items() if k != 'kind'}
+  assert objectives.per_kind_accuracy(correct_P, weights_P, no_kind, ('syntax',)) == {}
+  # Two evaluation batches: accuracy 3 of 4 overall, syntax 3 of 3, renamed 0 of 1.
+  batches = [dict(sums, loss=1.0, accuracy=2.0, count=3.0),
+             {'loss': 1.0, 'accuracy': 1.0, 'count': 1.0, 'accuracy/syntax': 1.0,
+              'count/syntax': 1.0, 'accuracy/renamed': 0.0, 'count/renamed': 0.0,
+              'accuracy/x': 0.0, 'count/x': 0.0}]
+  out = steps.evaluate_batches(lambda params, b: b, None, batches)
+  assert out['accuracy'] == 0.75 and out['accuracy/syntax'] == 1.0
+  assert out['accuracy/renamed'] == 0.0 and out['count/syntax'] == 3.0
+  assert out['count/renamed'] == 1.0 and 'accuracy/x' not in out and 'count/x' not in out
+  # Training logs leave the per-kind sums out: a batch holds too few of each.
+  assert set(steps.averaged_metrics({k: jnp.asarray(v) for k, v in batches[0].items()},
+                                    'train')) == {'train/loss', 'train/accuracy'}

@@ -141,9 +141,15 @@ def test_prepare_from_files_counts_skips_and_packs_pairs_whole(stdlib_tokenizer,
   pairs = sum((open(preference_data.pairs_file(workdir, s)).read().splitlines()
                for s in ('train', 'validation', 'test')), [])
   assert len(pairs) == 43
-  # Packed rows: each segment holds one whole pair, chosen and rejected aligned.
+  # Packed rows: each segment holds one whole pair, chosen and rejected aligned,
+  # and its kind's number on every token (1: 'syntax', the only kind named; 0:
+  # the ranking's pairs, which have none).
+  assert preference_data.kind_names(workdir) == ('syntax',)
+  train_kinds = [json.loads(l).get('kind') for l in
+                 open(preference_data.pairs_file(workdir, 'train'))]
   loader = loader_lib.make_loader(workdir, 'train', seq_len=128, batch_size=4, num_epochs=1,
                                   shuffle=False, drop_remainder=False)
+  seen = []
   for batch in loader:
     for row in range(4):
       segments = batch['segment_ids'][row]
@@ -152,6 +158,9 @@ def test_prepare_from_files_counts_skips_and_packs_pairs_whole(stdlib_tokenizer,
         assert batch['chosen_mask'][row][where].any() and batch['rejected_mask'][row][where].any()
         assert batch['positions'][row][where][0] == 0          # starts whole, at its BOS
         assert batch['tokens'][row][where][0] == batch['rejected'][row][where][0]
+        assert len(set(batch['kind'][row][where].tolist())) == 1
+        seen.append(int(batch['kind'][row][where][0]))
+  assert sorted(seen) == sorted(1 if k == 'syntax' else 0 for k in train_kinds)
   # The same settings reuse the data; other settings are refused.
   assert preference_data.prepare(workdir, str(tokenizer_path), source='files', paths=str(path),
                                  seq_len=128, validation=0.2, test=0.2)['kept'] == 43

@@ -180,9 +180,14 @@ def test_reward_model_from_an_lm_run_then_score(setup, tmp_path):
   reward.train(_config(reward_config, setup), workdir)
   records = [json.loads(l) for l in open(os.path.join(workdir, 'metrics.jsonl'))]
   assert any('eval/accuracy' in r for r in records) and any('train/margin' in r for r in records)
+  assert not any(k.startswith('train/accuracy/') for r in records for k in r)
   config, _, params, _, _ = reward.load_reward_model(workdir)
   assert config.head == 'scalar' and 'score_head' in params
   scorer = score.Scorer(workdir, batch_size=8)
+  # The held-out accuracy per kind, logged in training, is train.score's on
+  # the same pairs (another code path), and adds up to the overall accuracy.
+  evaluation = [r for r in records if 'eval/accuracy' in r][-1]
+  _check_per_kind(evaluation, 'eval/accuracy', scorer, setup)
   summary, results = score.score_pairs(scorer, setup['pairs'])
   assert summary['pairs'] == 60 and summary['run_kind'] == 'reward'
   assert set(summary['per_kind']) == {'syntax', 'other'} and 0 <= summary['accuracy'] <= 1
@@ -195,6 +200,22 @@ def test_reward_model_from_an_lm_run_then_score(setup, tmp_path):
   np.testing.assert_allclose(scored[0]['score'], results[0]['chosen_score'], rtol=1e-5)
   with pytest.raises(UserError, match='not a reward-model run'):
     reward.load_reward_model(setup['lm'])
+
+
+def _check_per_kind(evaluation, overall, scorer, setup):
+  """eval/accuracy/<kind> of the last evaluation against train.score on the validation pairs."""
+  kinds = ('syntax', 'other')
+  counts = {k: evaluation[f'eval/count/{k}'] for k in kinds}
+  assert sum(counts.values()) == evaluation['eval/count'] > 0
+  np.testing.assert_allclose(
+      sum(evaluation[f'eval/accuracy/{k}'] * counts[k] for k in kinds) / sum(counts.values()),
+      evaluation[overall], rtol=1e-6)
+  summary, _ = score.score_pairs(scorer, os.path.join(setup['root'], 'pref_data',
+                                                      'pairs_validation.jsonl'))
+  for k in kinds:
+    assert summary['per_kind'][k]['pairs'] == counts[k]
+    np.testing.assert_allclose(summary['per_kind'][k]['accuracy'],
+                               evaluation[f'eval/accuracy/{k}'], rtol=1e-6)
 
 
 def test_reward_init_from_keeps_the_trunk_and_adds_a_head(setup):
@@ -235,8 +256,10 @@ def test_dpo_from_an_lm_run_keeps_its_reference_then_score(setup, tmp_path):
   assert evals and all(k in evals[-1] for k in ('eval/rewards_margin', 'eval/logps_chosen'))
   # The reference was passed to every step, never donated or updated.
   jax.tree.map(np.testing.assert_array_equal, jax.device_get(kept['tree']), kept['copy'])
-  summary, _ = score.score_pairs(score.Scorer(workdir, batch_size=8), setup['pairs'])
+  scorer = score.Scorer(workdir, batch_size=8)
+  summary, _ = score.score_pairs(scorer, setup['pairs'])
   assert summary['run_kind'] == 'dpo' and summary['pairs'] == 60
+  _check_per_kind(evals[-1], 'eval/rewards_accuracy', scorer, setup)
 
 
 def test_dpo_with_precomputed_reference_log_probs_trains_like_the_held_reference(setup, tmp_path):

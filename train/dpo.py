@@ -18,9 +18,10 @@ train/losses.py `dpo`: sigmoid DPO with beta (cDPO with label smoothing), or
 IPO. Metrics (train/ and eval/), as TRL names them: rewards_chosen,
 rewards_rejected, rewards_margin, rewards_accuracy (the implicit reward
 beta * log(pi / pi_ref) of chosen above rejected's), logps_chosen,
-logps_rejected. The best checkpoint has the highest held-out
-rewards_accuracy. The run is an ordinary LM run: generate and evaluate
-(`--functional`) read it as they read an SFT run.
+logps_rejected; in eval/ also accuracy/<kind> and count/<kind>, that
+accuracy per kind of pair when the data has kinds. The best checkpoint has
+the highest held-out rewards_accuracy. The run is an ordinary LM run:
+generate and evaluate (`--functional`) read it as they read an SFT run.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ import numpy as np
 
 from configs import dpo as dpo_config
 from configs.cli import UserError
+from data_pipeline import preference_data
 from data_pipeline import shards
 from train import checkpoint as checkpoint_lib
 from train import loop
@@ -167,16 +169,22 @@ def precompute_reference(built: stage_lib.Built) -> str | None:
   return out_dir
 
 
-def _loss(config: ml_collections.ConfigDict, model: Any, dropout: bool) -> objectives.LossFn:
+def _loss(config: ml_collections.ConfigDict, model: Any, dropout: bool,
+          kinds: tuple[str, ...] = ()) -> objectives.LossFn:
   return objectives.dpo(model, beta=float(config.dpo.beta),
                         label_smoothing=float(config.dpo.label_smoothing),
-                        loss_type=config.dpo.loss_type, dropout=dropout)
+                        loss_type=config.dpo.loss_type, dropout=dropout, kinds=kinds)
+
+
+def _eval_loss(config: ml_collections.ConfigDict, model: Any) -> objectives.LossFn:
+  """The loss without dropout, and the implicit reward's accuracy per kind of pair."""
+  return _loss(config, model, False, preference_data.kind_names(config.data.workdir))
 
 
 STAGE = stage_lib.Stage(
     name='dpo', validate=dpo_config.validate, prepare_data=reward.prepare_data,
     loss=lambda config, model: _loss(config, model, float(config.model.dropout_rate) > 0.0),
-    eval_loss=lambda config, model: _loss(config, model, False), frozen=reference,
+    eval_loss=_eval_loss, frozen=reference,
     derive_data=precompute_reference)
 
 

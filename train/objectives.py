@@ -117,6 +117,34 @@ def pair_margins(batch: Batch) -> jax.Array | None:
   return values_P / MARGIN_SCALE
 
 
+def pair_kinds(batch: Batch) -> jax.Array | None:
+  """Each pair's kind number [B * L] (0: none; data_pipeline/preferences.py), or None
+  when the data has no `kind` field."""
+  if 'kind' not in batch:
+    return None
+  values_P, _ = losses.last_token_values(batch['kind'], batch['chosen_mask'],
+                                         batch['segment_ids'])
+  return values_P.astype(jnp.int32)
+
+
+def per_kind_accuracy(correct_P: jax.Array, weights_P: jax.Array, batch: Batch,
+                      kinds: tuple[str, ...]) -> dict[str, jax.Array]:
+  """Sums 'accuracy/<kind>' and 'count/<kind>' for each name of `kinds` (number i + 1).
+
+  Evaluation reports each as the accuracy over that kind's pairs
+  (steps.evaluate_batches); empty without kind names or a `kind` field.
+  """
+  kind_P = pair_kinds(batch)
+  if not kinds or kind_P is None:
+    return {}
+  sums = {}
+  for number, name in enumerate(kinds, 1):
+    w_P = weights_P * (kind_P == number)
+    sums[f'accuracy/{name}'] = jnp.sum(w_P * correct_P)
+    sums[f'count/{name}'] = jnp.sum(w_P)
+  return sums
+
+
 def pair_scores(model: nn.Module, params: Any, batch: Batch, rng: jax.Array | None
                 ) -> tuple[jax.Array, jax.Array]:
   """A reward model's scores of the chosen and rejected responses [B * L] each.
@@ -170,14 +198,19 @@ def precomputed_reference_log_probs(batch: Batch) -> tuple[jax.Array, jax.Array]
 
 
 def reward_model(model: nn.Module, centering: float = 0.0, use_margin: bool = True,
-                 dropout: bool = False) -> LossFn:
-  """Bradley-Terry on a scalar-head model's scores of each pair (losses.bradley_terry)."""
+                 dropout: bool = False, kinds: tuple[str, ...] = ()) -> LossFn:
+  """Bradley-Terry on a scalar-head model's scores of each pair (losses.bradley_terry).
+
+  kinds: the data's kind names (preference_data.kind_names): the sums then
+  hold the accuracy per kind too (`per_kind_accuracy`).
+  """
   def loss_fn(params, batch, rng, frozen):
     del frozen
     chosen_P, rejected_P = pair_scores(model, params, batch, rng if dropout else None)
     margin_P = pair_margins(batch) if use_margin else None
-    total, sums = losses.bradley_terry(chosen_P, rejected_P, pair_weights(batch), margin_P,
-                                       centering)
+    weights_P = pair_weights(batch)
+    total, sums = losses.bradley_terry(chosen_P, rejected_P, weights_P, margin_P, centering)
+    sums.update(per_kind_accuracy(chosen_P > rejected_P, weights_P, batch, kinds))
     return total, sums
   return loss_fn
 
@@ -188,13 +221,15 @@ def reference_params(frozen: Any) -> Any:
 
 
 def dpo(model: nn.Module, beta: float = 0.1, label_smoothing: float = 0.0,
-        loss_type: str = 'sigmoid', dropout: bool = False) -> LossFn:
+        loss_type: str = 'sigmoid', dropout: bool = False, kinds: tuple[str, ...] = ()
+        ) -> LossFn:
   """DPO / cDPO / IPO (losses.dpo) of the policy `params` against the frozen reference.
 
   The reference's log-probs come from a forward pass of
   `reference_params(frozen)` (no gradient; the same weights as the policy at
   step 0, so the loss starts at log 2 for sigmoid DPO), or, when the batch
-  carries REFERENCE_FIELDS, from those precomputed per-token values.
+  carries REFERENCE_FIELDS, from those precomputed per-token values. With
+  `kinds`, the implicit reward's accuracy per kind too (`per_kind_accuracy`).
   """
   def loss_fn(params, batch, rng, frozen):
     rngs = (None, None) if not dropout or rng is None else tuple(jax.random.split(rng))
@@ -210,8 +245,15 @@ def dpo(model: nn.Module, beta: float = 0.1, label_smoothing: float = 0.0,
                                            'chosen_mask')
       ref_rejected_P, _ = response_log_probs(model, reference, batch, None, 'rejected',
                                              'rejected_mask')
-    return losses.dpo(chosen_P, rejected_P, jax.lax.stop_gradient(ref_chosen_P),
-                      jax.lax.stop_gradient(ref_rejected_P), pair_weights(batch), beta=beta,
-                      label_smoothing=label_smoothing, loss_type=loss_type,
-                      chosen_tokens_P=chosen_tokens_P, rejected_tokens_P=rejected_tokens_P)
+    ref_chosen_P = jax.lax.stop_gradient(ref_chosen_P)
+    ref_rejected_P = jax.lax.stop_gradient(ref_rejected_P)
+    weights_P = pair_weights(batch)
+    total, sums = losses.dpo(chosen_P, rejected_P, ref_chosen_P, ref_rejected_P, weights_P,
+                             beta=beta, label_smoothing=label_smoothing, loss_type=loss_type,
+                             chosen_tokens_P=chosen_tokens_P,
+                             rejected_tokens_P=rejected_tokens_P)
+    # Right as `rewards_accuracy` counts it: chosen's implicit reward above rejected's.
+    correct_P = (chosen_P - ref_chosen_P) > (rejected_P - ref_rejected_P)
+    sums.update(per_kind_accuracy(correct_P, weights_P, batch, kinds))
+    return total, sums
   return loss_fn

@@ -12,8 +12,10 @@ forward passes of `ScoreModel`, the transformer with its scalar head
 `-log σ(r_chosen − r_rejected − margin)` plus optional centring
 (train/losses.py `bradley_terry`). Metrics (train/ and eval/): loss,
 accuracy (pairs ranked right), margin (mean r_c − r_r), reward_mean and
-reward_sq (of all scored responses); the best checkpoint is the one of the
-highest held-out accuracy.
+reward_sq (of all scored responses); in eval/ also accuracy/<kind> and
+count/<kind> per kind of pair when the data has kinds (the embedded
+default's corruptions); the best checkpoint is the one of the highest
+held-out accuracy.
 
 `init_from` is a run with an LM head (SFT): its trunk is restored, an untied
 `lm_head` is dropped and the score head starts new (small, near 0); or a
@@ -119,8 +121,10 @@ def _loss(config: ml_collections.ConfigDict, model: Any) -> objectives.LossFn:
 
 
 def _eval_loss(config: ml_collections.ConfigDict, model: Any) -> objectives.LossFn:
+  """The loss without dropout, and the accuracy per kind of pair (eval/accuracy/<kind>)."""
   return objectives.reward_model(model, centering=float(config.reward_model.centering),
-                                 use_margin=bool(config.reward_model.use_margin))
+                                 use_margin=bool(config.reward_model.use_margin),
+                                 kinds=preference_data.kind_names(config.data.workdir))
 
 
 STAGE = stage_lib.Stage(name='reward', validate=reward_config.validate,

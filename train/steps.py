@@ -100,12 +100,16 @@ def _split_micro_batches(batch: Batch, k: int) -> dict[str, jax.Array]:
 
 
 def averaged_metrics(aux_sums: Mapping[str, jax.Array], prefix: str) -> dict[str, jax.Array]:
-  """`<prefix>/<name>`: each sum over the count, `num_*` as totals (train/objectives.py)."""
+  """`<prefix>/<name>`: each sum over the count, `num_*` as totals (train/objectives.py).
+
+  Per-group sums (`<name>/<group>`, see `evaluate_batches`) are left out: a
+  batch holds too few of a group for a figure worth logging every step.
+  """
   count = aux_sums['count']
   denominator = jnp.maximum(count, 1.0)
   out = {}
   for name, value in aux_sums.items():
-    if name == 'count':
+    if name == 'count' or '/' in name:
       continue
     out[f'{prefix}/{name}'] = value if name.startswith('num_') else value / denominator
   return out
@@ -214,6 +218,9 @@ def evaluate_batches(eval_step: Callable[[Any, Batch], Mapping[str, jax.Array]],
 
   Returns {'loss', 'perplexity', 'nats' (the summed loss), 'count',
   'num_tokens', and every other aux entry averaged (or totalled for num_*)}.
+  An entry `<name>/<group>` is a sum over one group of the units (e.g. the
+  preference pairs of one kind) and is averaged over `count/<group>`, which
+  is reported as a total; a group with no unit in the split is left out.
   Per-batch sums stay on device until the end (no host sync per batch) and are
   added in float64 on the host.
   """
@@ -224,7 +231,15 @@ def evaluate_batches(eval_step: Callable[[Any, Batch], Mapping[str, jax.Array]],
   count = sums['count']
   if count == 0:
     raise ValueError('evaluate_batches: the batches hold nothing to score (count 0).')
-  out = {k: (v if k.startswith('num_') else v / count) for k, v in sums.items() if k != 'count'}
+  out = {}
+  for name, value in sums.items():
+    base, _, group = name.partition('/')
+    if name == 'count' or (group and not sums[f'count/{group}']):
+      continue
+    if name.startswith('num_') or base == 'count':
+      out[name] = value
+    else:
+      out[name] = value / (sums[f'count/{group}'] if group else count)
   out.update(count=count, nats=sums['loss'], perplexity=math.exp(min(out['loss'], 700.0)))
   out.setdefault('num_tokens', count)
   return out
