@@ -8,7 +8,8 @@ Presets (`configs/dpo.py:<preset>[,key=value,...]`):
         learning rate 1e-4.
           python -m train.dpo --config=configs/dpo.py:tiny --workdir=runs/dpo \\
               --config.init_from=runs/sft_scratch
-        Hardware: 2 CPU cores, 10.5 min (quiet machine, ~3.8 s/step). The
+        Hardware: 2 CPU cores, 6.5 min (quiet machine, 2026-12-05, ~2.35
+        s/step; 10.5 min before the CPU step work of README, "Performance"). The
         reference is init_from's parameters, frozen (a second copy: 5M
         parameters here). Measured (seed 0, from runs/sft_scratch):
         held-out implicit-reward accuracy 0.871 on the 627 test pairs
