@@ -9,9 +9,9 @@ look-back has nothing to build on. These rows can only be predicted by
 copying, and since x's length varies the copy must be found by content, not
 at a fixed offset: the hope was that they teach it early. Measured on `tiny`,
 they did not within a CPU budget (README, "Preferences": 450 steps at a
-quarter of the rows, 300 at all of them; a scratch loop of its model on
-nothing else, 1,000); a fixed offset, which a positional head solves, is
-learnt in ~150 steps.
+quarter of the rows, 300 at all of them; benchmarks/copy_learning.py, its
+model on nothing else, 300-1,000); a fixed offset, which a positional head
+solves, is learnt in ~150 steps.
 
 Each copy row packs documents [BOS] x x [EOS], x a uniform draw of
 `min_len..max_len` ordinary token ids, with `segment_ids`/`positions` like the

@@ -194,3 +194,19 @@ def test_pretrain_trains_on_real_rows_and_the_repeats_only(tmp_path, monkeypatch
       count += len(doc) - 1
   assert metrics['train/num_tokens'] == count
   np.testing.assert_allclose(metrics['train/loss'], total / count, rtol=2e-5)
+
+
+def test_copy_learning_benchmark_reports_the_repeat_loss():
+  """benchmarks/copy_learning.py on a small model: a held-out repeat loss per
+  evaluation, starting near ln V (the init cannot copy), and falling when
+  every repeat sits at one offset (a positional head suffices)."""
+  from benchmarks import copy_learning  # pylint: disable=g-import-not-at-top
+  config = pretrain_config.get_config(
+      'tiny,model.vocab_size=64,model.d_model=64,model.num_layers=2,model.num_heads=4,'
+      'model.num_kv_heads=2,model.head_dim=16,model.mlp_dim=128,model.max_len=128,'
+      'seq_len=128,batch_size=16,data.copy_min_len=30,data.copy_max_len=30')
+  records = list(copy_learning.learning_curve(config, steps=150, learning_rate=3e-3, warmup=20,
+                                              pool=0, eval_every=50))
+  assert [r['step'] for r in records] == [0, 50, 100, 150]
+  assert abs(records[0]['repeat_loss'] - np.log(64)) < 0.3
+  assert records[-1]['repeat_loss'] < 0.5 * records[0]['repeat_loss'], records
