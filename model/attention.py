@@ -431,8 +431,8 @@ class Attention(nn.Module):
     # positions the model can see (model/rope.py `sin_cos`); both rotations
     # share them. Not while decoding: a step has one new token per row, few
     # angles to compute (the `tiny` sampling loop was not faster with the table).
-    on_cpu = current_platform() == 'cpu' and not self.decode
-    table_len = max(cfg.max_len, x_BTD.shape[1]) if on_cpu else None
+    rope_from_table = current_platform() == 'cpu' and not self.decode
+    table_len = max(cfg.max_len, x_BTD.shape[1]) if rope_from_table else None
     sin_BT1H, cos_BT1H = rope.sin_cos(positions_BT, h, cfg.rope_theta, rope.scaling_of(cfg),
                                       table_len)
     q_BTNH = rope.rotate(q_BTNH, sin_BT1H, cos_BT1H)
