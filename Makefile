@@ -49,21 +49,20 @@ sft: install
 	$(PY) -m train.evaluate --workdir=$(SFT) --split=test --functional
 
 # After `make demo`: the post-training pipeline on `tiny`, then one table
-# (README, "Reinforcement learning"). The SFT model is trained from scratch:
-# measured, it parses 38% of held-out answers where SFT from runs/tiny parses
-# none, and RL needs completions that sometimes earn a reward.
-POST_SFT := runs/sft_scratch
+# (README, "Reinforcement learning"). It starts from `make sft`'s run (SFT of
+# the demo model; a finished one is reused), which parses 65% of held-out
+# answers against 38-43% for SFT from scratch.
 RM := runs/rm
 DPO := runs/dpo
 PPO := runs/ppo
 GRPO := runs/grpo
 posttrain: install
-	$(PY) -m train.sft --config=configs/sft.py:tiny --workdir=$(POST_SFT)
-	$(PY) -m train.reward --config=configs/reward.py:tiny --workdir=$(RM) --config.init_from=$(POST_SFT)
-	$(PY) -m train.dpo --config=configs/dpo.py:tiny --workdir=$(DPO) --config.init_from=$(POST_SFT)
-	$(PY) -m train.rl --config=configs/rl.py:ppo_tiny --workdir=$(PPO) --config.init_from=$(POST_SFT) --config.reward.model=$(RM)
-	$(PY) -m train.rl --config=configs/rl.py:grpo_tiny --workdir=$(GRPO) --config.init_from=$(POST_SFT) --config.reward.function=parses_and_names
-	$(PY) -m train.posttrain --runs=sft=$(POST_SFT),dpo=$(DPO),ppo=$(PPO),grpo=$(GRPO) --reference=$(POST_SFT) --reward_model=$(RM) --split=test
+	$(PY) -m train.sft --config=configs/sft.py:tiny --workdir=$(SFT) --config.init_from=$(RUN)
+	$(PY) -m train.reward --config=configs/reward.py:tiny --workdir=$(RM) --config.init_from=$(SFT)
+	$(PY) -m train.dpo --config=configs/dpo.py:tiny --workdir=$(DPO) --config.init_from=$(SFT)
+	$(PY) -m train.rl --config=configs/rl.py:ppo_tiny --workdir=$(PPO) --config.init_from=$(SFT) --config.reward.model=$(RM)
+	$(PY) -m train.rl --config=configs/rl.py:grpo_tiny --workdir=$(GRPO) --config.init_from=$(SFT) --config.reward.function=parses_and_names
+	$(PY) -m train.posttrain --runs=sft=$(SFT),dpo=$(DPO),ppo=$(PPO),grpo=$(GRPO) --reference=$(SFT) --reward_model=$(RM) --split=test
 
 # Test files go to TEST_WORKERS processes, a file's tests together in one (its
 # module fixtures are built once).

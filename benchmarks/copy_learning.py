@@ -18,7 +18,10 @@ a model of it. With min_len == max_len every repeat starts the same distance
 after its original, so a head that looks that far back solves it without
 matching any content; with lengths that vary, the earlier occurrence must be
 found by its content (an induction head), which is what copying a requested
-name from a prompt needs. README, "Preferences", reports both on `tiny`.
+name from a prompt needs. README, "Preferences", reports both on `tiny`: at
+the default 3e-3 varying lengths stall near ln V; at `--learning_rate=1e-3`
+they fall (6.80 after 800 steps on `tiny`, 0.24 after 2,000 on a 2-layer
+model of its width at seq 128 and lengths 8-32).
 
 No tokenizer: the model's random init does not know which ids are pieces, so
 ids 1 and 2 stand for BOS and EOS and x is drawn from ids 3..V-1. One device,
