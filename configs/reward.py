@@ -7,16 +7,18 @@ Presets (`configs/reward.py:<preset>[,key=value,...]`):
         corruptions of it), 150 steps of 16 packed rows (~4k of the ~16k train
         pairs; ~1.7 pairs per 256-token row), seq 256.
           python -m train.reward --config=configs/reward.py:tiny --workdir=runs/rm \\
-              --config.init_from=runs/sft_scratch
+              --config.init_from=runs/sft
         Hardware: 2 CPU cores. The model shape comes from `init_from` (a run
         with an LM head: its trunk is restored and an untied `lm_head`
         dropped; a reward-model run: its head too). Wall time: see README,
         "Preferences" (each step is two forward/backward passes, chosen and
         rejected); 3.4 min on quiet cores (2026-12-05, the data build
         included; 66 min measured on cores shared with other jobs). Expect
-        (measured, seed 0, from runs/sft_scratch): held-out test accuracy
-        0.84-0.86 (target 0.9); per kind syntax 0.99-1.00, truncated 1.00,
-        shuffled 1.00, wrong_body 0.69-0.74, renamed 0.50-0.54, from
+        (measured, seed 0, from runs/sft, `make sft`'s run): held-out test
+        accuracy 0.817 (target 0.9); per kind syntax 0.99, truncated 1.00,
+        shuffled 1.00, wrong_body 0.63, renamed 0.45 (from the older SFT
+        from scratch at 1e-3: 0.84-0.86, wrong_body 0.69-0.74, renamed
+        0.50-0.54), from
         `python -m train.score --workdir=runs/rm
         --pairs=runs/pref_data/pairs_test.jsonl` (README, "Preferences"),
         or eval/accuracy/<kind> in metrics.jsonl (validation pairs).

@@ -9,7 +9,7 @@ Presets (`configs/rl.py:<preset>[,key=value,...]`):
              executed), k3 KL to the starting model with
              beta 0.04, one on-policy update per iteration.
                python -m train.rl --config=configs/rl.py:grpo_tiny --workdir=runs/grpo \\
-                   --config.init_from=runs/sft_scratch
+                   --config.init_from=runs/sft
                python -m train.evaluate --workdir=runs/grpo --split=test --functional
              Hardware: 2 CPU cores. Wall time and result: README,
              "Reinforcement learning" (measured figures and commands).
@@ -20,7 +20,7 @@ Presets (`configs/rl.py:<preset>[,key=value,...]`):
              value losses; 16 iterations of 24 prompts (temperature 0.7), 2
              epochs of 2 minibatches per rollout batch.
                python -m train.rl --config=configs/rl.py:ppo_tiny --workdir=runs/ppo \\
-                   --config.init_from=runs/sft_scratch --config.reward.model=runs/rm
+                   --config.init_from=runs/sft --config.reward.model=runs/rm
              Hardware: 2 CPU cores. README, "Reinforcement learning".
   grpo_1b    GRPO on the 1b shape (bf16, full remat, FSDP) for a TPU slice,
              prompts from `data.workdir` (an SFT data workdir's

@@ -1,7 +1,7 @@
 """DPO: the policy learns from preference pairs directly, against a frozen reference.
 
   python -m train.dpo --config=configs/dpo.py:tiny --workdir=runs/dpo \\
-      --config.init_from=runs/sft_scratch
+      --config.init_from=runs/sft
 
 The shared stage runner (train/stage.py) with the preference data of the
 reward model (data_pipeline/preference_data.py). The policy starts from

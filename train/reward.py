@@ -1,7 +1,7 @@
 """Reward modelling: a scalar head on the SFT model, Bradley-Terry on preference pairs.
 
   python -m train.reward --config=configs/reward.py:tiny --workdir=runs/rm \\
-      --config.init_from=runs/sft_scratch
+      --config.init_from=runs/sft
 
 The shared stage runner (train/stage.py) with preference data
 (data_pipeline/preference_data.py, built once into `data.workdir`): each pair

@@ -1,9 +1,9 @@
 """RL from feedback: PPO and GRPO, each iteration a rollout batch and its updates.
 
   python -m train.rl --config=configs/rl.py:grpo_tiny --workdir=runs/grpo \\
-      --config.init_from=runs/sft_scratch --config.reward.function=parses_and_names
+      --config.init_from=runs/sft --config.reward.function=parses_and_names
   python -m train.rl --config=configs/rl.py:ppo_tiny --workdir=runs/ppo \\
-      --config.init_from=runs/sft_scratch --config.reward.model=runs/rm
+      --config.init_from=runs/sft --config.reward.model=runs/rm
 
 How it sits in the one loop (train/loop.py, unchanged). The loop calls
 `train_step(state, batch)` on batches from an iterator with
