@@ -44,20 +44,21 @@ demo: install
 
 # After `make demo`: fine-tune the demo model on the embedded instructions,
 # then score held-out instructions (response loss, parse_and_name_rate).
+SFT_TRAIN := $(PY) -m train.sft --config=configs/sft.py:tiny --workdir=$(SFT) --config.init_from=$(RUN)
 sft: install
-	$(PY) -m train.sft --config=configs/sft.py:tiny --workdir=$(SFT) --config.init_from=$(RUN)
+	$(SFT_TRAIN)
 	$(PY) -m train.evaluate --workdir=$(SFT) --split=test --functional
 
 # After `make demo`: the post-training pipeline on `tiny`, then one table
 # (README, "Reinforcement learning"). It starts from `make sft`'s run (SFT of
-# the demo model; a finished one is reused), which parses 65% of held-out
-# answers against 38-43% for SFT from scratch.
+# the demo model; a finished one is reused): held-out response loss 3.59
+# against 3.67 for SFT from scratch, though it parses less often (0.65 / 0.76).
 RM := runs/rm
 DPO := runs/dpo
 PPO := runs/ppo
 GRPO := runs/grpo
 posttrain: install
-	$(PY) -m train.sft --config=configs/sft.py:tiny --workdir=$(SFT) --config.init_from=$(RUN)
+	$(SFT_TRAIN)
 	$(PY) -m train.reward --config=configs/reward.py:tiny --workdir=$(RM) --config.init_from=$(SFT)
 	$(PY) -m train.dpo --config=configs/dpo.py:tiny --workdir=$(DPO) --config.init_from=$(SFT)
 	$(PY) -m train.rl --config=configs/rl.py:ppo_tiny --workdir=$(PPO) --config.init_from=$(SFT) --config.reward.model=$(RM)

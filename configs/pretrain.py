@@ -8,8 +8,8 @@ Presets (`configs/pretrain.py:<preset>[,key=value,...]`):
               python -m train --config=configs/pretrain.py:tiny --workdir=runs/tiny
             Hardware: 2 CPU cores (AMD EPYC), float32. Wall time: measured on
             this 2-core machine at 0.94-1.0 s/step when it is otherwise idle
-            (`make demo` 8 min 58 s in a fresh clone, 2026-12-05), about twice that with
-            another training job sharing the cores. Peak
+            (`make demo` 8 min 58 s in a fresh clone, 2026-12-05), about
+            twice that with another training job sharing the cores. Peak
             learning rate 1e-3 (3e-3 until 2026-12-05). Expect (stdlib data,
             seed 0): train loss from 9.06 (ln 8192 = 9.01: tied embeddings
             the GPT-2 / Hugging Face way, see model/config.py) to ~4.5;

@@ -324,7 +324,8 @@ def test_learns_to_copy_a_repeated_random_sequence():
   mask and the attention's gradient to be right. The offset is the same in
   every row, so a positional head suffices: this is not an induction head
   (matching the current token's earlier occurrence), which `tiny` did not
-  learn in 300-1,000 steps of repeats at varying offsets (README, preferences;
+  learn in 300-1,000 steps of repeats at varying offsets at a learning rate
+  of 3e-3, and at 1e-3 only begins to (README, preferences;
   benchmarks/copy_learning.py).
   """
   vocab, length, batch, steps = 64, 128, 16, 400  # two attention blocks
