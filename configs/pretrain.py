@@ -45,8 +45,8 @@ The tokenizer's vocabulary must equal `model.vocab_size`.
 copy-task rows (random token ids x, then x again, the loss on the repeat
 only; data_pipeline/copy_task.py), to teach copying from the context early.
 Off in every preset: on `tiny` at 0.25 it lowered the real-data test loss
-(4.75 against 4.83-4.85) but taught no copying in 450 steps (README,
-"Preferences").
+(4.75 against 4.83-4.85) but taught no copying in 450 steps, nor at 0.5 in
+2,000 steps at 1e-3 (README, "Preferences").
 
 Mesh: sizes of the ('data', 'fsdp', 'tensor') axes, one may be -1 (fills the
 devices); `mesh.rules_preset` names logical-axis rules in train/mesh.py

@@ -26,8 +26,11 @@ instruction/input/output; bad records are skipped and counted in
 `<data.workdir>/sft_report.json`). The examples are rendered with the chat
 template (data_pipeline/chat.py) using `data.tokenizer`, the pre-trained
 model's tokenizer, and built once into `data.workdir`. `validation`/`test`
-are the held-out fractions by module id, the same as the pre-training data's
-so a held-out function's module was never in pre-training's train split.
+are the held-out fractions by module id. The presets' 0.02 / 0.04 are larger
+than the pre-training data's 0.01 / 0.01 (configs/data.py), so the 18
+validation conversations come from modules pre-training held out but the 127
+test ones from modules in its train split (found 2026-12-05; README,
+"Fine-tuning"): test figures are held out from SFT, not from pre-training.
 
 LoRA (`lora.*`, configs/lora.py): `--config.lora.rank=8` trains low-rank
 adapters on the attention and MLP projections of the `init_from` run, its

@@ -14,7 +14,9 @@ fixed offset, which a positional head solves, is learnt in ~150 steps. At
 1e-3 content-based copying does start (benchmarks/copy_learning.py: `tiny`
 on nothing but copy rows, 9.06 -> 6.80 nats on the repeats in 800 steps; a
 2-layer model of its width, 0.24 after 2,000), still more steps than a
-quarter of a 450-step run gives it.
+quarter of a 450-step run gives it. `tiny` with half its rows copy rows (x
+of 8-32) for 2,000 steps at 1e-3 had not formed one either: 5.33 nats on
+held-out copy rows, still falling slowly (README, "Preferences").
 
 Each copy row packs documents [BOS] x x [EOS], x a uniform draw of
 `min_len..max_len` ordinary token ids, with `segment_ids`/`positions` like the

@@ -15,7 +15,8 @@ formats in data_pipeline/preferences.py):
 
 The embedded default: the SFT instruction set (data_pipeline/stdlib_instructions.py,
 the same splits by module id, so a held-out function's module was never in
-pre-training's or SFT's train split); for each function, one pair per
+SFT's train split; with the SFT presets' fractions the test modules were in
+pre-training's, configs/sft.py); for each function, one pair per
 corruption kind (`preferences.KINDS`) that applies to it: the real function
 chosen, the corruption rejected. The renamed and wrong_body kinds take their
 other function from the same split, so no held-out pair shows a train function.

@@ -26,8 +26,9 @@ Methods are kept: the request names the class.
 
 Documents and splits are those of pre-training: modules come from
 `sources.stdlib_documents` (ids `stdlib:json/decoder.py`) and every function
-goes to the split of its module (`split.assign_split(module id)`), so a
-held-out function's module was never in the pre-training train split.
+goes to the split of its module (`split.assign_split(module id, validation,
+test)`). With the pre-training data's fractions a held-out function's module
+was never in the pre-training train split; larger fractions lose that (below).
 
 The held-out sets are small with the pre-training fractions (1% / 1% of
 modules). Measured on CPython 3.11.7 with the `configs/data.py:stdlib`
@@ -35,7 +36,8 @@ tokenizer (8192 pieces), about 5-7 s on a shared CPU: 1,757 modules, 1,027 of
 them tests, 16,539 definitions in the other 730; at seq_len 512 4,448 examples
 kept (train 4,429 / validation 13 / test 6, from 355 / 3 / 1 modules), at
 seq_len 256 3,373 (3,355 / 12 / 6). Larger fractions give larger held-out
-sets but then held-out modules may have been in pre-training's train split.
+sets but then held-out modules may have been in pre-training's train split:
+with the SFT presets' 2% / 4% every test module was (configs/sft.py).
 """
 
 from __future__ import annotations
