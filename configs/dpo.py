@@ -15,7 +15,8 @@ Presets (`configs/dpo.py:<preset>[,key=value,...]`):
         run): held-out implicit-reward accuracy 0.876 on the 627 test pairs
         (target 0.85), test response loss 3.73, parse_rate 0.31,
         parse_and_name_rate 0.008 (SFT: 3.59, 0.64, 0; from the older SFT
-        from scratch at 1e-3: 0.871). README,
+        from scratch at 1e-3: 0.871; from the SFT of the longer `tiny_2k`
+        trunk 0.978, README, "A longer pre-training"). README,
         "Preferences": held-out implicit-reward accuracy
         (eval/rewards_accuracy, or `python -m train.score --workdir=runs/dpo
         --pairs=runs/pref_data/pairs_test.jsonl`) and parse_and_name_rate

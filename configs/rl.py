@@ -12,7 +12,11 @@ Presets (`configs/rl.py:<preset>[,key=value,...]`):
                    --config.init_from=runs/sft
                python -m train.evaluate --workdir=runs/grpo --split=test --functional
              Hardware: 2 CPU cores. Wall time and result: README,
-             "Reinforcement learning" (measured figures and commands).
+             "Reinforcement learning" (measured figures and commands). From
+             the SFT of `runs/tiny` it names 2 of 127 held-out functions
+             (+1.6 points); from that of the longer `tiny_2k` trunk
+             parse_and_name_rate 0.543 -> 0.756 (+21; README, "A longer
+             pre-training").
   ppo_tiny   PPO against a reward-model run: a value model (trunk + scalar
              head) initialised from the reward model, per-token rewards = the
              reward model's score at the final token minus beta * KL, GAE
@@ -21,7 +25,9 @@ Presets (`configs/rl.py:<preset>[,key=value,...]`):
              epochs of 2 minibatches per rollout batch.
                python -m train.rl --config=configs/rl.py:ppo_tiny --workdir=runs/ppo \\
                    --config.init_from=runs/sft --config.reward.model=runs/rm
-             Hardware: 2 CPU cores. README, "Reinforcement learning".
+             Hardware: 2 CPU cores. README, "Reinforcement learning"; from
+             `tiny_2k` it raises the RM score while parse_and_name_rate
+             falls (reward hacking; README, "A longer pre-training").
   grpo_1b    GRPO on the 1b shape (bf16, full remat, FSDP) for a TPU slice,
              prompts from `data.workdir` (an SFT data workdir's
              prompts_train.jsonl), 64 prompts x 8 samples, 512 new tokens.

@@ -26,11 +26,11 @@ instruction/input/output; bad records are skipped and counted in
 `<data.workdir>/sft_report.json`). The examples are rendered with the chat
 template (data_pipeline/chat.py) using `data.tokenizer`, the pre-trained
 model's tokenizer, and built once into `data.workdir`. `validation`/`test`
-are the held-out fractions by module id. The presets' 0.02 / 0.04 are larger
-than the pre-training data's 0.01 / 0.01 (configs/data.py), so the 18
-validation conversations come from modules pre-training held out but the 127
-test ones from modules in its train split (found 2026-12-05; README,
-"Fine-tuning"): test figures are held out from SFT, not from pre-training.
+are the held-out fractions by module id, by default the pre-training data's
+(configs/data.py:stdlib, 0.02 / 0.04), so a validation or test function's
+module is in pre-training's validation or test split too; fractions that
+hold out more than the pre-training data did are refused
+(`stdlib_instructions.check_held_out`).
 
 LoRA (`lora.*`, configs/lora.py): `--config.lora.rank=8` trains low-rank
 adapters on the attention and MLP projections of the `init_from` run, its
@@ -51,6 +51,7 @@ from __future__ import annotations
 
 import ml_collections
 
+from configs import data as data_config
 from configs import lora
 from configs import overrides
 from configs import pretrain
@@ -67,7 +68,8 @@ def _sft(base: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   config.init_perturb = 0.0
   config.data = ml_collections.ConfigDict(dict(
       workdir='runs/sft_data', preset='sft', source='stdlib', paths='',
-      tokenizer='runs/data/tokenizer.model', validation=0.02, test=0.04))
+      tokenizer='runs/data/tokenizer.model', validation=data_config.STDLIB_VALIDATION,
+      test=data_config.STDLIB_TEST))
   config.num_train_steps = 0
   config.num_epochs = 3
   config.patience = 0

@@ -15,8 +15,7 @@ formats in data_pipeline/preferences.py):
 
 The embedded default: the SFT instruction set (data_pipeline/stdlib_instructions.py,
 the same splits by module id, so a held-out function's module was never in
-SFT's train split; with the SFT presets' fractions the test modules were in
-pre-training's, configs/sft.py); for each function, one pair per
+pre-training's or SFT's train split); for each function, one pair per
 corruption kind (`preferences.KINDS`) that applies to it: the real function
 chosen, the corruption rejected. The renamed and wrong_body kinds take their
 other function from the same split, so no held-out pair shows a train function.
@@ -224,6 +223,8 @@ def prepare(workdir: str, tokenizer_path: str, *, source: str = 'stdlib', paths:
   if not os.path.exists(tokenizer_path):
     raise UserError(f'data.tokenizer={tokenizer_path} does not exist: give the SFT model\'s '
                     'tokenizer.model (e.g. runs/sft/tokenizer.model).')
+  if source == 'stdlib':
+    stdlib_instructions.check_held_out(tokenizer_path, validation, test)
   with open(tokenizer_path, 'rb') as f:
     tokenizer_bytes = f.read()
   settings = _settings(tokenizer_bytes, source, paths, seq_len, validation, test, tuple(kinds))

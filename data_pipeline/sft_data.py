@@ -67,6 +67,8 @@ def prepare(workdir: str, tokenizer_path: str, *, source: str = 'stdlib', paths:
     raise UserError(f'data.tokenizer={tokenizer_path} does not exist: prepare the pre-training '
                     'data first (python -m data_pipeline --config=configs/data.py:stdlib '
                     '--workdir=runs/data) or point it at the model\'s tokenizer.model.')
+  if source == 'stdlib':
+    stdlib_instructions.check_held_out(tokenizer_path, validation, test)
   with open(tokenizer_path, 'rb') as f:
     tokenizer_bytes = f.read()
   settings = _settings(tokenizer_bytes, source, paths, seq_len, validation, test)

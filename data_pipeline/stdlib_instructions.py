@@ -27,17 +27,18 @@ Methods are kept: the request names the class.
 Documents and splits are those of pre-training: modules come from
 `sources.stdlib_documents` (ids `stdlib:json/decoder.py`) and every function
 goes to the split of its module (`split.assign_split(module id, validation,
-test)`). With the pre-training data's fractions a held-out function's module
-was never in the pre-training train split; larger fractions lose that (below).
+test)`). With the pre-training data's fractions (`configs/data.py:stdlib`,
+2% / 4%, which the SFT and preference presets take from it) a validation
+function's module is in pre-training's validation split and a test one's in
+its test split, so no held-out function was in a pre-training train document.
+Held-out fractions whose sum is larger than the pre-training data's would put
+held-out functions in modules pre-training trained on: `check_held_out` refuses
+them when the tokenizer's directory is that data's workdir (data_config.json).
 
-The held-out sets are small with the pre-training fractions (1% / 1% of
-modules). Measured on CPython 3.11.7 with the `configs/data.py:stdlib`
-tokenizer (8192 pieces), about 5-7 s on a shared CPU: 1,757 modules, 1,027 of
-them tests, 16,539 definitions in the other 730; at seq_len 512 4,448 examples
-kept (train 4,429 / validation 13 / test 6, from 355 / 3 / 1 modules), at
-seq_len 256 3,373 (3,355 / 12 / 6). Larger fractions give larger held-out
-sets but then held-out modules may have been in pre-training's train split:
-with the SFT presets' 2% / 4% every test module was (configs/sft.py).
+Measured on CPython 3.11.7 with the `configs/data.py:stdlib` tokenizer (8192
+pieces), about 5-7 s on a shared CPU: 1,757 modules, 1,027 of them tests,
+16,539 definitions in the other 730. At seq_len 256 with 2% / 4%: 3,227
+train / 18 validation / 127 test conversations (runs/sft_data).
 """
 
 from __future__ import annotations
@@ -45,11 +46,15 @@ from __future__ import annotations
 import ast
 import collections
 import hashlib
+import json
+import os
 import re
 import warnings
 from collections.abc import Iterator
 from typing import Any
 
+from configs import data as data_config
+from configs.cli import UserError
 from data_pipeline import chat
 from data_pipeline import instructions
 from data_pipeline import sources
@@ -198,8 +203,41 @@ def _module_candidates(doc: sources.Document, report: instructions.Report,
         {'function_name': qualname, 'module': relpath})
 
 
+# Written by the pre-training data pipeline beside tokenizer.model
+# (data_pipeline/pipeline.py CONFIG; not imported, it pulls in the whole pipeline).
+PRETRAINING_DATA_CONFIG = 'data_config.json'
+
+
+def check_held_out(tokenizer_path: str, validation: float, test: float) -> None:
+  """Refuses held-out fractions that reach into pre-training's train split.
+
+  A module is held out of pre-training when its hash falls below the sum of
+  the pre-training data's fractions, and held out here below the sum of ours;
+  ours must not be larger, or some held-out functions come from modules the
+  pre-trained model trained on. Checked when the tokenizer sits in a stdlib
+  pre-training data workdir (its data_config.json says so); otherwise there is
+  nothing to compare with and nothing is checked.
+  """
+  path = os.path.join(os.path.dirname(os.path.abspath(tokenizer_path)), PRETRAINING_DATA_CONFIG)
+  try:
+    with open(path, encoding='utf-8') as f:
+      pretraining = json.load(f)
+    if pretraining['source']['kind'] != 'stdlib':
+      return
+    held_out = float(pretraining['split']['validation']) + float(pretraining['split']['test'])
+  except (OSError, ValueError, KeyError, TypeError):
+    return
+  if validation + test > held_out + 1e-9:
+    raise UserError(
+        f'data.validation={validation} + data.test={test} hold out more modules than the '
+        f'pre-training data did ({held_out:g} in {path}): some held-out functions would come '
+        'from modules pre-training trained on. Use its fractions '
+        f'(validation={pretraining["split"]["validation"]}, test={pretraining["split"]["test"]}).')
+
+
 def build_stdlib_instructions(tokenizer: chat.ChatTokenizer, seq_len: int, *,
-                              validation: float = 0.01, test: float = 0.01,
+                              validation: float = data_config.STDLIB_VALIDATION,
+                              test: float = data_config.STDLIB_TEST,
                               root: str | None = None, min_docstring_words: int = 3,
                               normalization: str = 'NFC', scrub_pii: bool = True,
                               ) -> tuple[dict[str, list[instructions.Record]], dict[str, Any]]:

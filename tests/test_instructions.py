@@ -14,7 +14,13 @@ import numpy as np
 import pytest
 
 from configs.cli import UserError
+from configs import data as data_config
+from configs import dpo as dpo_config
+from configs import reward as reward_config
+from configs import sft as sft_config
 from data_pipeline import instructions
+from data_pipeline import preference_data
+from data_pipeline import sft_data
 from data_pipeline import sources
 from data_pipeline import split as split_lib
 from data_pipeline import stdlib_instructions
@@ -345,3 +351,43 @@ def test_known_stdlib_functions_have_their_exact_source(stdlib_build):
     assert inspect.getdoc(obj).splitlines()[0] in request
     assert record['id'] == f'stdlib:{module}:{function}'
     assert isinstance(record['tokens'], np.ndarray) and record['loss_mask'].sum() > len(answer) // 8
+
+
+def _pretraining_workdir(tmp_path, tokenizer, kind: str, validation: float, test: float) -> str:
+  """A pre-training data workdir as data_pipeline writes it: tokenizer.model, data_config.json."""
+  workdir = tmp_path / 'data'
+  workdir.mkdir()
+  shutil.copy(tokenizer.path, workdir / 'tokenizer.model')
+  with open(workdir / 'data_config.json', 'w', encoding='utf-8') as f:
+    json.dump({'source': {'kind': kind}, 'split': {'validation': validation, 'test': test}}, f)
+  return str(workdir / 'tokenizer.model')
+
+
+def test_held_out_fractions_past_pretrainings_are_refused_before_anything_is_written(
+    tokenizer, tmp_path):
+  # Pre-training held out 1% + 1%: with 2% + 4% here a module hashed to 0.03
+  # is a test function but was a pre-training train document.
+  tokenizer_path = _pretraining_workdir(tmp_path, tokenizer, 'stdlib', 0.01, 0.01)
+  with pytest.raises(UserError, match=r'data.validation=0.02 \+ data.test=0.04 hold out more'):
+    stdlib_instructions.check_held_out(tokenizer_path, 0.02, 0.04)
+  for workdir, prepare in (('sft', sft_data.prepare), ('pref', preference_data.prepare)):
+    with pytest.raises(UserError, match='pre-training data did'):
+      prepare(str(tmp_path / workdir), tokenizer_path, seq_len=256, validation=0.02, test=0.04)
+    assert not os.path.exists(tmp_path / workdir)
+  # Equal or smaller sums hold out only modules pre-training held out too.
+  stdlib_instructions.check_held_out(tokenizer_path, 0.01, 0.01)
+  stdlib_instructions.check_held_out(tokenizer_path, 0.02, 0.0)
+
+
+def test_held_out_check_needs_a_stdlib_pretraining_config(tokenizer, tmp_path):
+  stdlib_instructions.check_held_out(tokenizer.path, 0.2, 0.2)  # No data_config.json beside it.
+  files = _pretraining_workdir(tmp_path, tokenizer, 'files', 0.01, 0.01)
+  stdlib_instructions.check_held_out(files, 0.2, 0.2)  # Another corpus: nothing to compare.
+
+
+def test_post_training_presets_hold_out_exactly_pretrainings_modules():
+  """Every shipped stage's held-out split is pre-training's held-out split of the same name."""
+  pretraining = data_config.get_config('stdlib').split
+  for module in (sft_config, reward_config, dpo_config):
+    data = module.get_config('tiny').data
+    assert (data.validation, data.test) == (pretraining.validation, pretraining.test), module
