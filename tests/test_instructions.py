@@ -19,6 +19,7 @@ from configs import dpo as dpo_config
 from configs import reward as reward_config
 from configs import sft as sft_config
 from data_pipeline import instructions
+from data_pipeline import pipeline
 from data_pipeline import preference_data
 from data_pipeline import sft_data
 from data_pipeline import sources
@@ -358,8 +359,11 @@ def _pretraining_workdir(tmp_path, tokenizer, kind: str, validation: float, test
   workdir = tmp_path / 'data'
   workdir.mkdir()
   shutil.copy(tokenizer.path, workdir / 'tokenizer.model')
-  with open(workdir / 'data_config.json', 'w', encoding='utf-8') as f:
-    json.dump({'source': {'kind': kind}, 'split': {'validation': validation, 'test': test}}, f)
+  config = data_config.get_config(kind)
+  config.split.validation, config.split.test = validation, test
+  assert stdlib_instructions.PRETRAINING_DATA_CONFIG == pipeline.CONFIG
+  with open(workdir / pipeline.CONFIG, 'w', encoding='utf-8') as f:
+    json.dump(config.to_dict(), f)  # As data_pipeline/pipeline.py writes it.
   return str(workdir / 'tokenizer.model')
 
 
