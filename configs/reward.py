@@ -25,6 +25,22 @@ Presets (`configs/reward.py:<preset>[,key=value,...]`):
         the SFT of the longer `tiny_2k` trunk: 0.823, and 0.871 with
         `num_train_steps=450`; renamed stays ~0.5 (README, "A longer
         pre-training").
+  tiny_renamed  `tiny` on the `renamed` pairs only (a ~3.2k-pair set of its
+        own in runs/pref_data_renamed): the first of two phases. Trained on
+        all five kinds at once, the reward model never learns to compare the
+        answer's function name with the request (`renamed` ~0.5 at 150 or
+        450 steps, at 3e-4 or 1e-3), even from a trunk that reads the
+        request; the other kinds are learnt first and then nothing is left
+        to push the comparison out. On the `renamed` pairs alone it learns it
+        in 150 steps, and a second phase on all kinds keeps it:
+          python -m train.reward --config=configs/reward.py:tiny_renamed \
+              --workdir=runs/rm_renamed --config.init_from=runs/sft
+          python -m train.reward --config=configs/reward.py:tiny --workdir=runs/rm \
+              --config.init_from=runs/rm_renamed
+        (`make posttrain` does both). Measured from the SFT of the longer
+        `tiny_2k` trunk (2026-12-05, cores shared, 6.2 min per phase): test
+        accuracy 0.936, renamed 0.98, wrong_body 0.69, the other kinds 1.00;
+        one phase: 0.823, renamed 0.49 (README, "A longer pre-training").
   1b, 7b  the pre-training presets' shapes on TPU (bf16, full remat, FSDP)
         on the user's JSONL pairs (`--config.data.source=files
         --config.data.paths=gs://bucket/prefs/*.jsonl`), one epoch, learning
@@ -110,7 +126,16 @@ def seven_b() -> ml_collections.ConfigDict:
   return tpu(_reward(pretrain.seven_b()), 5e-6)
 
 
-PRESETS = {'tiny': tiny, '1b': one_b, '7b': seven_b}
+def tiny_renamed() -> ml_collections.ConfigDict:
+  """`tiny` on the `renamed` pairs only: the first phase of the reward model
+  `make posttrain` trains (module docstring)."""
+  config = tiny()
+  config.data.kinds = 'renamed'
+  config.data.workdir = 'runs/pref_data_renamed'
+  return config
+
+
+PRESETS = {'tiny': tiny, 'tiny_renamed': tiny_renamed, '1b': one_b, '7b': seven_b}
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:

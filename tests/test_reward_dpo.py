@@ -218,24 +218,48 @@ def _check_per_kind(evaluation, overall, scorer, setup):
                                evaluation[f'eval/accuracy/{k}'], rtol=1e-6)
 
 
-def test_reward_init_from_keeps_the_trunk_and_adds_a_head(setup):
-  config = _config(reward_config, setup)
-  source = stage_lib.adopt_init_from(config, None)
+def _built(config) -> stage_lib.Built:
+  """What the stage runner builds before it restores `init_from`."""
   from train import mesh as mesh_lib  # pylint: disable=g-import-not-at-top
-  from train import run_dir  # pylint: disable=g-import-not-at-top
   from train import state as state_lib  # pylint: disable=g-import-not-at-top
+  source = stage_lib.adopt_init_from(config, None)
   model = reward.ScoreModel(stage_lib.model_config(config))
   mesh = mesh_lib.make_mesh(config.mesh)
   abstract, shardings = state_lib.abstract_state(config, model, mesh)
-  built = stage_lib.Built(config=config, model=model, mesh=mesh, abstract_state=abstract,
-                          state_shardings=shardings, init_from=source)
+  return stage_lib.Built(config=config, model=model, mesh=mesh, abstract_state=abstract,
+                         state_shardings=shardings, init_from=source)
+
+
+def test_reward_init_from_keeps_the_trunk_and_adds_a_head(setup):
+  built = _built(_config(reward_config, setup))
   _, params = reward.params_from_any_run(built)
+  from train import run_dir  # pylint: disable=g-import-not-at-top
   _, _, lm_params, _, _ = run_dir.load_run(setup['lm'])
   assert set(params) == set(lm_params) | {'score_head'}
   for name in lm_params:
     jax.tree.map(np.testing.assert_array_equal, jax.device_get(params[name]),
                  jax.device_get(lm_params[name]))
   assert float(jnp.abs(params['score_head']['kernel']).max()) < 1.0
+
+
+def test_second_reward_phase_starts_from_the_first_phases_whole_model(setup, tmp_path):
+  """`make posttrain`'s two phases: `init_from` a reward-model run restores its
+  trunk and its trained score head, not a new head."""
+  first = str(tmp_path / 'rm_first')
+  reward.train(_config(reward_config, setup), first)
+  _, _, first_params, _, _ = reward.load_reward_model(first)
+  config = _config(reward_config, setup)
+  with config.unlocked():
+    config.init_from = first
+    config.seed = 7  # A fresh head would be drawn from this seed.
+  built = _built(config)
+  _, params = reward.params_from_any_run(built)
+  assert set(params) == set(first_params)
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(params),
+               jax.device_get(first_params))
+  second = str(tmp_path / 'rm_second')
+  reward.train(config, second)  # And the stage trains from it.
+  assert reward.load_reward_model(second)[0].head == 'scalar'
 
 
 def test_dpo_from_an_lm_run_keeps_its_reference_then_score(setup, tmp_path):
