@@ -56,10 +56,10 @@ def _step0_loss(config) -> float:
 
 
 def test_every_preset_is_covered():
-  assert set(pretrain.PRESETS) == {'tiny', 'small', 'bench_cpu'} | set(STAND_IN_DIMS)
+  assert set(pretrain.PRESETS) == {'tiny', 'tiny_2k', 'small', 'bench_cpu'} | set(STAND_IN_DIMS)
 
 
-@pytest.mark.parametrize('preset', ['tiny', 'small', 'bench_cpu'])
+@pytest.mark.parametrize('preset', ['tiny', 'tiny_2k', 'small', 'bench_cpu'])
 def test_step0_loss_of_preset_is_ln_vocab(preset):
   config = pretrain.get_config(preset)
   loss = _step0_loss(config)
