@@ -69,7 +69,7 @@ posttrain: install
 
 # The same pipeline from a longer pre-training of `tiny` (configs/pretrain.py:
 # tiny_2k, 2,000 steps with half the rows copy-task rows, 33 min on 2 quiet
-# cores; then ~35 min of post-training): a trunk that writes the requested
+# cores; then ~30 min of post-training, 45 min on shared cores): a trunk that writes the requested
 # function name, which the demo's 450 steps do not give (README, "A longer
 # pre-training"). Needs no `make demo`; the data is built if missing.
 RUN_2K := runs/tiny_2k
