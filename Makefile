@@ -50,10 +50,11 @@ sft: install
 	$(PY) -m train.evaluate --workdir=$(SFT) --split=test --functional
 
 # After `make demo`: the post-training pipeline on `tiny`, then one table
-# (README, "Reinforcement learning"). The reward model is trained in two
-# phases, the `renamed` pairs first, then all kinds (configs/reward.py). It starts from `make sft`'s run (SFT of
-# the demo model; a finished one is reused): held-out response loss 3.59
-# against 3.67 for SFT from scratch, though it parses less often (0.65 / 0.76).
+# (README, "Reinforcement learning"). It starts from `make sft`'s run (SFT
+# of the demo model; a finished one is reused): held-out response loss 3.59
+# against 3.67 for SFT from scratch, though it parses less often (0.65 /
+# 0.76). The reward model is trained in two phases, the `renamed` pairs
+# first, then all kinds from that model (configs/reward.py).
 RM := runs/rm
 DPO := runs/dpo
 PPO := runs/ppo
@@ -69,9 +70,10 @@ posttrain: install
 
 # The same pipeline from a longer pre-training of `tiny` (configs/pretrain.py:
 # tiny_2k, 2,000 steps with half the rows copy-task rows, 33 min on 2 quiet
-# cores; then ~30 min of post-training, 45 min on shared cores): a trunk that writes the requested
-# function name, which the demo's 450 steps do not give (README, "A longer
-# pre-training"). Needs no `make demo`; the data is built if missing.
+# cores; then ~30 min of post-training, 45 min on shared cores): a trunk
+# that writes the requested function name, which the demo's 450 steps do
+# not give (README, "A longer pre-training"). Needs no `make demo`; the
+# data is built if missing.
 RUN_2K := runs/tiny_2k
 posttrain_2k: install
 	$(PY) -m train --config=configs/pretrain.py:tiny_2k --workdir=$(RUN_2K)

@@ -30,9 +30,10 @@ Presets (`configs/reward.py:<preset>[,key=value,...]`):
         all five kinds at once, the reward model never learns to compare the
         answer's function name with the request (`renamed` ~0.5 at 150 or
         450 steps, at 3e-4 or 1e-3), even from a trunk that reads the
-        request; the other kinds are learnt first and then nothing is left
-        to push the comparison out. On the `renamed` pairs alone it learns it
-        in 150 steps, and a second phase on all kinds keeps it:
+        request: the other kinds are fit first, from the answer alone, and
+        the `renamed` fifth of the pairs does not then move the model to the
+        comparison. On the `renamed` pairs alone it learns it in 150 steps,
+        and a second phase on all kinds keeps it:
           python -m train.reward --config=configs/reward.py:tiny_renamed \
               --workdir=runs/rm_renamed --config.init_from=runs/sft
           python -m train.reward --config=configs/reward.py:tiny --workdir=runs/rm \
