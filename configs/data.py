@@ -153,6 +153,10 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
 STDLIB_VALIDATION = 0.02
 STDLIB_TEST = 0.04
 
+# The file the pipeline writes this config to in its workdir, beside
+# tokenizer.model; the post-training data builders read its split fractions.
+WORKDIR_CONFIG = 'data_config.json'
+
 
 def stdlib() -> ml_collections.ConfigDict:
   config = base()

@@ -38,7 +38,7 @@ from data_pipeline import tokenizer as tokenizer_lib
 
 DONE = 'DONE'
 REPORT = 'data_report.json'
-CONFIG = 'data_config.json'
+CONFIG = data_configs.WORKDIR_CONFIG
 TOKENIZER_PREFIX = 'tokenizer'
 ENCODE_BATCH = 64  # Documents per SentencePiece call (it threads inside one).
 

@@ -203,11 +203,6 @@ def _module_candidates(doc: sources.Document, report: instructions.Report,
         {'function_name': qualname, 'module': relpath})
 
 
-# Written by the pre-training data pipeline beside tokenizer.model
-# (data_pipeline/pipeline.py CONFIG; not imported, it pulls in the whole pipeline).
-PRETRAINING_DATA_CONFIG = 'data_config.json'
-
-
 def check_held_out(tokenizer_path: str, validation: float, test: float) -> None:
   """Refuses held-out fractions that reach into pre-training's train split.
 
@@ -218,7 +213,8 @@ def check_held_out(tokenizer_path: str, validation: float, test: float) -> None:
   pre-training data workdir (its data_config.json says so); otherwise there is
   nothing to compare with and nothing is checked.
   """
-  path = os.path.join(os.path.dirname(os.path.abspath(tokenizer_path)), PRETRAINING_DATA_CONFIG)
+  path = os.path.join(os.path.dirname(os.path.abspath(tokenizer_path)),
+                      data_config.WORKDIR_CONFIG)
   try:
     with open(path, encoding='utf-8') as f:
       pretraining = json.load(f)

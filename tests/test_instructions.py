@@ -361,7 +361,6 @@ def _pretraining_workdir(tmp_path, tokenizer, kind: str, validation: float, test
   shutil.copy(tokenizer.path, workdir / 'tokenizer.model')
   config = data_config.get_config(kind)
   config.split.validation, config.split.test = validation, test
-  assert stdlib_instructions.PRETRAINING_DATA_CONFIG == pipeline.CONFIG
   with open(workdir / pipeline.CONFIG, 'w', encoding='utf-8') as f:
     json.dump(config.to_dict(), f)  # As data_pipeline/pipeline.py writes it.
   return str(workdir / 'tokenizer.model')
